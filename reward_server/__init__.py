@@ -1,0 +1,1 @@
+"""The reward-model service: reward implementations, the registry, micro-batching and the gRPC server."""

@@ -1,0 +1,7 @@
+"""``python -m reward_server``: the same as ``ddpo serve``."""
+
+import sys
+
+from reward_server.cli import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""``ddpo serve``: run the reward server until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from reward_server.config import ConfigError, RewardConfig, ServerConfig, load_config
+from reward_server.logs import configure_logging
+from reward_server.rewards import REWARD_TYPES
+from reward_server.server import RewardServer, serve
+
+DEFAULT_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddpo serve", description="Serve rewards over gRPC (ddpo.reward.v1.RewardService).",
+        epilog=f"Reward types: {', '.join(sorted(REWARD_TYPES))}. Flags override the config file.")
+    parser.add_argument("--rewards", help="comma-separated rewards to serve; each is configured in --config or "
+                        f"takes default settings (default: the config's rewards, else {','.join(DEFAULT_REWARDS)})")
+    parser.add_argument("--config", type=Path, help="TOML or YAML file with [server] and [rewards.NAME] tables")
+    parser.add_argument("--host", help="interface to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one and prints it)")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: a free one)")
+    parser.add_argument("--max-message-mb", type=int, help="largest request/response in MiB (default 256)")
+    parser.add_argument("--max-concurrent-rpcs", type=int, help="RPCs in progress before RESOURCE_EXHAUSTED")
+    parser.add_argument("--grace", type=float, dest="grace_s", help="seconds in-flight RPCs get at shutdown")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key: TLS only)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key")
+    parser.add_argument("--auth-token-file", type=Path, help="require `authorization: Bearer <token in file>`")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="json", choices=["json", "text"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    config = load_config(args.config) if args.config else ServerConfig()
+    overrides = {name: getattr(args, name) for name in ("host", "port", "metrics_port", "max_message_mb",
+                                                          "max_concurrent_rpcs", "grace_s", "tls_cert", "tls_key",
+                                                          "auth_token_file") if getattr(args, name) is not None}
+    rewards = config.rewards
+    if args.rewards is not None or not rewards:
+        names = [n.strip() for n in (args.rewards or ",".join(DEFAULT_REWARDS)).split(",") if n.strip()]
+        if not names:
+            raise ConfigError("--rewards is empty; name at least one reward")
+        configured = {r.name: r for r in config.rewards}
+        unknown = [n for n in names if n not in configured and n not in REWARD_TYPES]
+        if unknown:
+            raise ConfigError(f"--rewards: unknown reward(s) {', '.join(unknown)}; known types: "
+                              f"{', '.join(sorted(REWARD_TYPES))}" + (f"; configured: {', '.join(sorted(configured))}"
+                                                                      if configured else ""))
+        rewards = tuple(configured.get(n) or RewardConfig(name=n, type=n) for n in names)
+    return dataclasses.replace(config, rewards=rewards, **overrides)
+
+
+def _announce(server: RewardServer) -> None:
+    print(f"ddpo reward server listening on {server.config.host}:{server.port} "
+          f"(rewards: {', '.join(sorted(server.workers))})", flush=True)
+    if server.metrics_port is not None:
+        print(f"metrics on http://{server.config.host}:{server.metrics_port}/metrics", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as error:
+        parser.error(str(error))
+    configure_logging(args.log_level, args.log_format)
+    try:
+        asyncio.run(serve(config, on_started=_announce))
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"ddpo serve: {error}", file=sys.stderr)
+        return 1
+    return 0

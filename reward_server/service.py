@@ -1,0 +1,202 @@
+"""The ``ddpo.reward.v1.RewardService`` servicer: call-level checks, per-item validation, and hand-off to workers.
+
+Call-level errors (unknown reward in a unary call, missing or duplicate ids, server full) fail the RPC with a status;
+everything about one item (bad image, missing prompt, reward failure) fails that item alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+
+import grpc
+
+from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
+from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
+from reward_server.batching import ItemOutcome, QueueFull, RewardWorker
+from reward_server.metrics import ServerMetrics
+from reward_server.rewards import ItemError
+from reward_server.wire import DecodedItem, ItemInvalid, decode_item, error_result, ok_result, spec_to_proto
+
+log = logging.getLogger(__name__)
+
+_RESULTS_PER_STREAM_MESSAGE = 256
+
+
+class CallError(Exception):
+    """Fails the whole RPC with ``code``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class RewardServicer(pb_grpc.RewardServiceServicer):
+    def __init__(self, workers: dict[str, RewardWorker], metrics: ServerMetrics) -> None:
+        self._workers = workers
+        self._metrics = metrics
+
+    # --- RPCs -------------------------------------------------------------------------------------------------
+
+    async def ListRewards(self, request: pb.ListRewardsRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ListRewardsResponse:
+        async with self._track("ListRewards", context):
+            return pb.ListRewardsResponse(
+                rewards=[spec_to_proto(self._workers[name].reward.spec) for name in sorted(self._workers)])
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        async with self._track("Score", context):
+            started = time.perf_counter()
+            try:
+                worker = self._worker(request.reward)
+                _check_ids(request.items, "items", seen=set())
+            except CallError as error:
+                await context.abort(error.code, error.message)
+            results: list[pb.ScoreResult | None] = [None] * len(request.items)
+            valid: list[tuple[int, DecodedItem]] = []
+            for index, item in enumerate(request.items):
+                try:
+                    valid.append((index, decode_item(item, f"items[{index}]", worker.reward.spec)))
+                except ItemInvalid as invalid:
+                    results[index] = self._answer(worker.name, item.id, invalid.error, started)
+            try:
+                futures = await worker.submit_nowait([item for _, item in valid])
+            except QueueFull as full:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(full))
+            try:
+                outcomes = await asyncio.gather(*futures)
+            finally:
+                for future in futures:
+                    future.cancel()  # no-op once answered; drops queued work when the caller has gone
+            for (index, decoded), outcome in zip(valid, outcomes, strict=True):
+                results[index] = self._answer(worker.name, decoded.id, outcome, started)
+            return pb.ScoreResponse(results=[result for result in results if result is not None])
+
+    async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreStreamRequest],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreStreamResponse]:
+        async with self._track("ScoreStream", context):
+            answers: asyncio.Queue[pb.ScoreResult | CallError | None] = asyncio.Queue()
+            futures: list[asyncio.Future[ItemOutcome]] = []
+            reader = asyncio.create_task(self._read_stream(request_iterator, answers, futures))
+            try:
+                finished: CallError | None = None
+                ended = False
+                while not ended:
+                    batch: list[pb.ScoreResult] = []
+                    entry = await answers.get()
+                    while True:
+                        if entry is None:
+                            ended = True
+                        elif isinstance(entry, CallError):
+                            finished, ended = entry, True
+                        else:
+                            batch.append(entry)
+                        if ended or answers.empty() or len(batch) >= _RESULTS_PER_STREAM_MESSAGE:
+                            break
+                        entry = answers.get_nowait()
+                    if batch:
+                        yield pb.ScoreStreamResponse(results=batch)
+                if finished is not None:
+                    await context.abort(finished.code, finished.message)
+            finally:
+                reader.cancel()
+                for future in futures:
+                    future.cancel()
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+
+    async def _read_stream(self, request_iterator: AsyncIterator[pb.ScoreStreamRequest],
+                           answers: asyncio.Queue[pb.ScoreResult | CallError | None],
+                           futures: list[asyncio.Future[ItemOutcome]]) -> None:
+        """Validate and queue every item of the stream; ends the answers with None, or a CallError."""
+        seen: set[str] = set()
+        try:
+            message_index = 0
+            async for request in request_iterator:
+                field = f"messages[{message_index}].items"
+                message_index += 1
+                _check_ids(request.items, field, seen)
+                arrived = time.perf_counter()
+                worker = self._workers.get(request.reward)
+                if worker is None:
+                    error = ItemError(grpc.StatusCode.NOT_FOUND, self._unknown_reward(request.reward))
+                    for item in request.items:
+                        answers.put_nowait(self._answer(request.reward, item.id, error, arrived))
+                    continue
+                valid = []
+                for index, item in enumerate(request.items):
+                    try:
+                        valid.append(decode_item(item, f"{field}[{index}]", worker.reward.spec))
+                    except ItemInvalid as invalid:
+                        answers.put_nowait(self._answer(worker.name, item.id, invalid.error, arrived))
+                for decoded, future in zip(valid, await worker.submit(valid), strict=True):
+                    future.add_done_callback(self._stream_callback(answers, worker.name, decoded.id, arrived))
+                    futures.append(future)
+            await asyncio.gather(*futures)  # each future's callback has queued its answer before this returns
+            answers.put_nowait(None)
+        except CallError as error:
+            answers.put_nowait(error)
+
+    def _stream_callback(self, answers: asyncio.Queue[pb.ScoreResult | CallError | None], reward: str, item_id: str,
+                         arrived: float) -> Callable[[asyncio.Future[ItemOutcome]], None]:
+        def deliver(future: asyncio.Future[ItemOutcome]) -> None:
+            if not future.cancelled():
+                answers.put_nowait(self._answer(reward, item_id, future.result(), arrived))
+        return deliver
+
+    def _worker(self, reward: str) -> RewardWorker:
+        worker = self._workers.get(reward)
+        if worker is None:
+            raise CallError(grpc.StatusCode.NOT_FOUND, self._unknown_reward(reward))
+        return worker
+
+    def _unknown_reward(self, reward: str) -> str:
+        if not reward:
+            return "reward is empty; name one of: " + ", ".join(sorted(self._workers))
+        return f"unknown reward {reward!r}; this server offers: {', '.join(sorted(self._workers))}"
+
+    def _answer(self, reward: str, item_id: str, outcome: ItemOutcome | ItemError, arrived: float) -> pb.ScoreResult:
+        """Turn one item's outcome into its result, and count it."""
+        error = outcome if isinstance(outcome, ItemError) else outcome.error
+        code = error.code if error is not None else grpc.StatusCode.OK
+        self._metrics.items.labels(reward, code.name).inc()
+        self._metrics.item_latency.labels(reward).observe(time.perf_counter() - arrived)
+        if error is not None:
+            return error_result(item_id, error)
+        assert isinstance(outcome, ItemOutcome)
+        return ok_result(item_id, outcome.score, outcome.components, outcome.info)
+
+    @contextlib.asynccontextmanager
+    async def _track(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Count the RPC by its final status code."""
+        code = "OK"
+        try:
+            yield
+        except asyncio.CancelledError:
+            code = "DEADLINE_EXCEEDED" if (context.time_remaining() or 1.0) <= 0 else "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            code = context.code().name if context.code() is not None else "UNKNOWN"
+            raise
+        except Exception:
+            code = "UNKNOWN"
+            log.exception("unhandled error in RPC", extra={"method": method})
+            raise
+        finally:
+            self._metrics.requests.labels(method, code).inc()
+
+
+def _check_ids(items: Sequence[pb.Item] | Iterable[pb.Item], field: str, seen: set[str]) -> None:
+    """Ids are how results are matched to items: each must be set and unique (within the call or stream)."""
+    for index, item in enumerate(items):
+        if not item.id:
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}[{index}].id is empty; every item needs an "
+                                                              f"id, unique within the call or stream")
+        if item.id in seen:
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}[{index}].id {item.id!r} is a duplicate; "
+                                                              f"ids must be unique within the call or stream")
+        seen.add(item.id)
