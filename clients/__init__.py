@@ -1,0 +1,25 @@
+"""Python client of the DDPO reward service (grpcio, protobuf and numpy only).
+
+    from clients import RewardClient
+    with RewardClient("127.0.0.1:50051") as client:
+        scores = client.score("jpeg_compressibility", images).scores
+"""
+
+from clients.aio import AsyncRewardClient, AsyncScoreStream
+from clients.client import RewardClient, ScoreStream
+from clients.errors import ItemsFailedError, RewardServiceError
+from clients.types import BatchResult, EncodedImage, ItemResult, RewardInfo, ScoreItem
+
+__all__ = [
+    "AsyncRewardClient",
+    "AsyncScoreStream",
+    "BatchResult",
+    "EncodedImage",
+    "ItemResult",
+    "ItemsFailedError",
+    "RewardClient",
+    "RewardInfo",
+    "RewardServiceError",
+    "ScoreItem",
+    "ScoreStream",
+]

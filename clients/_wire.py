@@ -1,0 +1,229 @@
+"""Pure functions shared by the sync and asyncio clients: input checks, request building, channel settings.
+
+Nothing here does I/O, so both clients build byte-identical requests and raise the same errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from google.protobuf import struct_pb2
+
+from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
+from clients.types import EncodedImage, ItemResult, ScoreItem
+
+Encoding = Literal["raw", "png"]
+ImageInput = npt.NDArray[np.uint8] | EncodedImage
+Images = npt.NDArray[np.uint8] | Sequence[ImageInput]
+
+SERVICE = "ddpo.reward.v1.RewardService"
+MAX_MESSAGE_BYTES = 256 << 20
+# Retries are for UNAVAILABLE only (server not reachable yet, or restarting); other codes are answers.
+_RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": SERVICE}, {"service": "grpc.health.v1.Health"}],
+    "retryPolicy": _RETRY_POLICY,
+}]})
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", SERVICE_CONFIG),
+]
+_FORMATS = {None: pb.IMAGE_FORMAT_UNSPECIFIED, "png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where and how to connect: ``host:port`` or ``grpc://host:port`` (plaintext), ``grpcs://host:port`` (TLS)."""
+
+    address: str
+    tls: bool
+    root_certificates: bytes | None
+    metadata: tuple[tuple[str, str], ...]
+
+
+def parse_target(server: str, *, tls: bool | None = None, root_certificates: bytes | str | Path | None = None,
+                 auth_token: str | None = None) -> Target:
+    scheme, sep, rest = server.partition("://")
+    if not sep:
+        scheme, rest = "grpc", server
+    if scheme not in ("grpc", "grpcs"):
+        raise ValueError(f"server {server!r}: scheme must be grpc:// or grpcs://, got {scheme}://")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"server {server!r} must look like HOST:PORT (e.g. 127.0.0.1:50051)")
+    use_tls = (scheme == "grpcs") if tls is None else tls
+    if isinstance(root_certificates, str | Path):
+        root_certificates = Path(root_certificates).read_bytes()
+    if root_certificates is not None and not use_tls:
+        raise ValueError("root_certificates given for a plaintext connection; use grpcs:// or tls=True")
+    metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
+    return Target(rest, use_tls, root_certificates, metadata)
+
+
+def encode_png(image: npt.NDArray[np.uint8]) -> bytes:
+    """Losslessly encode an (H, W, C) uint8 array (C = 1, 3 or 4) as PNG with zlib only."""
+    height, width, channels = image.shape
+    color_type = {1: 0, 3: 2, 4: 6}[channels]
+    rows = np.ascontiguousarray(image).reshape(height, width * channels)
+    raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1).tobytes()  # filter byte 0 per row
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
+            + chunk(b"IEND", b""))
+
+
+def to_proto_image(image: ImageInput, field: str, encoding: Encoding) -> pb.Image:
+    """Check one image and wrap it for the wire; ``field`` (e.g. "images[3]") names it in errors."""
+    if isinstance(image, EncodedImage):
+        if image.format not in _FORMATS:
+            raise ValueError(f"{field}.format must be 'png', 'jpeg' or None, got {image.format!r}")
+        return pb.Image(encoded=pb.EncodedImage(data=image.data, format=_FORMATS[image.format]))
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{field} must be a numpy array or EncodedImage, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{field} has dtype {image.dtype}; images must be uint8 "
+                         f"(from floats in [0, 1]: (x * 255).round().clip(0, 255).astype(np.uint8))")
+    if image.ndim != 3:
+        raise ValueError(f"{field} has shape {image.shape}; expected (H, W, C) "
+                         f"(a grayscale (H, W) image needs image[..., None])")
+    if 0 in image.shape:
+        raise ValueError(f"{field} has shape {image.shape}; every dimension must be > 0")
+    if image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"{field} has {image.shape[2]} channels; expected 1, 3 or 4 in HWC layout "
+                         f"(is it CHW? use image.transpose(1, 2, 0))")
+    if encoding == "png":
+        return pb.Image(encoded=pb.EncodedImage(data=encode_png(image), format=pb.IMAGE_FORMAT_PNG))
+    if encoding != "raw":
+        raise ValueError(f"encoding must be 'raw' or 'png', got {encoding!r}")
+    height, width, channels = image.shape
+    return pb.Image(raw=pb.RawImage(data=np.ascontiguousarray(image).tobytes(), height=height, width=width,
+                                    channels=channels, dtype=pb.DTYPE_UINT8))
+
+
+def _image_list(images: Images) -> list[ImageInput]:
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4:
+            raise ValueError(f"images has shape {images.shape}; a batch array must be (N, H, W, C), "
+                             f"or pass a list of (H, W, C) arrays")
+        return list(images)
+    return list(images)
+
+
+def _metadata_struct(value: Mapping[str, Any] | None, field: str) -> struct_pb2.Struct | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{field} must be a dict, got {type(value).__name__}")
+    metadata = struct_pb2.Struct()
+    try:
+        metadata.update(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{field} must be JSON-like (str, number, bool, None, list, dict): {error}") from None
+    return metadata
+
+
+def build_items(images: Images, prompts: Sequence[str | None] | None, metadata: Sequence[Mapping[str, Any] | None]
+                | None, ids: Sequence[str], encoding: Encoding) -> list[pb.Item]:
+    """Check a batch and turn it into protobuf items."""
+    image_list = _image_list(images)
+    n = len(image_list)
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list with one prompt per image, not a single string")
+    for name, values in (("prompts", prompts), ("metadata", metadata), ("ids", ids)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"{name} has {len(values)} entries for {n} images; give one per image")
+    items = []
+    for i, image in enumerate(image_list):
+        prompt = prompts[i] if prompts is not None else None
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}] must be a str or None, got {type(prompt).__name__}")
+        items.append(pb.Item(id=ids[i], image=to_proto_image(image, f"images[{i}]", encoding), prompt=prompt,
+                             metadata=_metadata_struct(metadata[i] if metadata is not None else None,
+                                                       f"metadata[{i}]")))
+    return items
+
+
+def check_ids(ids: Sequence[str], taken: set[str]) -> None:
+    """Ids must be non-empty strings, unique among themselves and not in ``taken``."""
+    seen = set()
+    for i, item_id in enumerate(ids):
+        if not isinstance(item_id, str) or not item_id:
+            raise ValueError(f"ids[{i}] must be a non-empty string, got {item_id!r}")
+        if item_id in seen or item_id in taken:
+            raise ValueError(f"ids[{i}] {item_id!r} is a duplicate; ids must be unique "
+                             f"{'within the stream' if item_id in taken else 'within the call'}")
+        seen.add(item_id)
+
+
+def order_results(items: Sequence[pb.Item], results: Iterable[pb.ScoreResult]) -> list[ItemResult]:
+    """Results of a unary Score call, checked to answer each item exactly once, in order."""
+    parsed = [ItemResult.from_proto(r) for r in results]
+    if [r.id for r in parsed] != [item.id for item in items]:
+        raise RuntimeError(f"the server answered ids {[r.id for r in parsed][:10]} for items "
+                           f"{[item.id for item in items][:10]}; the contract is one result per item, in order")
+    return parsed
+
+
+class StreamLedger:
+    """Bookkeeping of one score stream: which ids were sent, which were answered."""
+
+    def __init__(self) -> None:
+        self._next = 0
+        self.sent: set[str] = set()
+        self.answered: set[str] = set()
+        self.closed = False
+
+    def request(self, reward: str, images: Images, prompts: Sequence[str | None] | None,
+                metadata: Sequence[Mapping[str, Any] | None] | None, ids: Sequence[str] | None,
+                encoding: Encoding) -> tuple[pb.ScoreStreamRequest, list[str]]:
+        if self.closed:
+            raise RuntimeError("the stream is closed; open a new one to send more items")
+        if not reward:
+            raise ValueError("reward must be a non-empty reward name")
+        count = len(_image_list(images))
+        if ids is None:
+            ids = [str(self._next + i) for i in range(count)]
+        check_ids(ids, self.sent)
+        items = build_items(images, prompts, metadata, ids, encoding)
+        self._next += count
+        self.sent.update(ids)
+        return pb.ScoreStreamRequest(reward=reward, items=items), list(ids)
+
+    def answer(self, result: pb.ScoreResult) -> ItemResult:
+        if result.id not in self.sent or result.id in self.answered:
+            raise RuntimeError(f"the server answered id {result.id!r} "
+                               f"{'twice' if result.id in self.answered else 'which was never sent'}")
+        self.answered.add(result.id)
+        return ItemResult.from_proto(result)
+
+    @property
+    def done(self) -> bool:
+        return self.closed and self.answered == self.sent
+
+    def unanswered_error(self) -> RuntimeError:
+        missing = sorted(self.sent - self.answered)
+        return RuntimeError(f"the stream ended with {len(missing)} item(s) unanswered, e.g. {missing[:5]}")
+
+
+def items_from(entries: Iterable[ScoreItem | ImageInput]) -> Iterable[ScoreItem]:
+    for entry in entries:
+        yield entry if isinstance(entry, ScoreItem) else ScoreItem(image=entry)

@@ -1,0 +1,148 @@
+"""The asyncio client: the same API as ``RewardClient``, with coroutines.
+
+    async with AsyncRewardClient("127.0.0.1:50051") as client:
+        await client.wait_ready()
+        batch = await client.score("jpeg_compressibility", images)
+        async with client.open_stream() as stream:
+            await stream.send("jpeg_compressibility", images)
+            await stream.close()
+            async for result in stream.results():
+                ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients._wire import CHANNEL_OPTIONS, Encoding, Images, StreamLedger, order_results, parse_target
+from clients.client import health_services, score_request
+from clients.errors import RewardServiceError
+from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
+from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
+from clients.types import BatchResult, ItemResult, RewardInfo
+
+
+class AsyncRewardClient:
+    """Asyncio client of a reward server. Every call has a deadline (``timeout`` seconds, overridable per call)."""
+
+    def __init__(self, server: str, *, timeout: float = 60.0, stream_timeout: float = 3600.0,
+                 tls: bool | None = None, root_certificates: bytes | str | Path | None = None,
+                 auth_token: str | None = None) -> None:
+        self.target = parse_target(server, tls=tls, root_certificates=root_certificates, auth_token=auth_token)
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        if self.target.tls:
+            credentials = grpc.ssl_channel_credentials(self.target.root_certificates)
+            self._channel = grpc.aio.secure_channel(self.target.address, credentials, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.insecure_channel(self.target.address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.RewardServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> AsyncRewardClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def wait_ready(self, timeout: float = 30.0, rewards: Iterable[str] | None = None) -> None:
+        """Wait until the server (and each reward in ``rewards``) reports SERVING; TimeoutError after ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for service in health_services(rewards):
+            last = "no answer yet"
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError(f"{self.target.address} not ready after {timeout:g}s "
+                                       f"({service or 'server'}: {last})")
+                try:
+                    response = await self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                                        timeout=min(remaining, 5.0), wait_for_ready=True)
+                    if response.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                    last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.NOT_FOUND:
+                        raise RewardServiceError(error.code(), f"the server has no reward {service[7:]!r}",
+                                                 "wait_ready") from None
+                    last = f"{error.code().name}: {error.details()}"
+                await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
+
+    async def list_rewards(self, timeout: float | None = None) -> list[RewardInfo]:
+        response = await self._call("ListRewards", self._stub.ListRewards, pb.ListRewardsRequest(), timeout)
+        return [RewardInfo.from_proto(spec) for spec in response.rewards]
+
+    async def score(self, reward: str, images: Images, prompts: Sequence[str | None] | None = None,
+                    metadata: Sequence[Mapping[str, Any] | None] | None = None, ids: Sequence[str] | None = None,
+                    encoding: Encoding = "raw", timeout: float | None = None) -> BatchResult:
+        """Score a batch in one call; results are in the order of ``images``. Per-item failures are in the result."""
+        request = score_request(reward, images, prompts, metadata, ids, encoding)
+        response = await self._call("Score", self._stub.Score, request, timeout)
+        return BatchResult(order_results(request.items, response.results))
+
+    def open_stream(self, timeout: float | None = None) -> AsyncScoreStream:
+        return AsyncScoreStream(self._stub, self.target.metadata, self.stream_timeout if timeout is None else timeout)
+
+    async def _call(self, method: str, stub_method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await stub_method(request, timeout=self.timeout if timeout is None else timeout,
+                                     metadata=self.target.metadata)
+        except grpc.aio.AioRpcError as error:
+            raise RewardServiceError.from_rpc_error(error, method) from None
+
+
+class AsyncScoreStream:
+    """One bidirectional ScoreStream. ``send`` does not wait for results; ``results`` yields them as they come."""
+
+    def __init__(self, stub: pb_grpc.RewardServiceStub, metadata: tuple[tuple[str, str], ...],
+                 timeout: float) -> None:
+        self._ledger = StreamLedger()
+        self._call = stub.ScoreStream(timeout=timeout, metadata=metadata)
+
+    async def __aenter__(self) -> AsyncScoreStream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        if exc_type is not None or not self._ledger.done:
+            self._call.cancel()
+
+    async def send(self, reward: str, images: Images, prompts: Sequence[str | None] | None = None,
+                   metadata: Sequence[Mapping[str, Any] | None] | None = None, ids: Sequence[str] | None = None,
+                   encoding: Encoding = "raw") -> list[str]:
+        """Send a batch for ``reward`` and return its item ids (default: "0", "1", ... over the stream)."""
+        request, sent_ids = self._ledger.request(reward, images, prompts, metadata, ids, encoding)
+        try:
+            await self._call.write(request)
+        except grpc.aio.AioRpcError as error:
+            raise RewardServiceError.from_rpc_error(error, "ScoreStream") from None
+        return sent_ids
+
+    async def close(self) -> None:
+        """No more items will be sent; results keep coming."""
+        if not self._ledger.closed:
+            self._ledger.closed = True
+            await self._call.done_writing()
+
+    async def results(self) -> AsyncIterator[ItemResult]:
+        """Yield each sent item's result once, as it arrives; ends after ``close`` when all are answered."""
+        while not self._ledger.done:
+            try:
+                response = await self._call.read()
+            except grpc.aio.AioRpcError as error:
+                raise RewardServiceError.from_rpc_error(error, "ScoreStream") from None
+            if response is grpc.aio.EOF:  # the server closed the stream before answering everything
+                raise self._ledger.unanswered_error()
+            for result in response.results:
+                yield self._ledger.answer(result)

@@ -1,0 +1,108 @@
+"""What the client returns: plain dataclasses, no protobuf."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from clients.errors import ItemsFailedError
+from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedImage:
+    """An already encoded PNG or JPEG file, sent as is and decoded by the server."""
+
+    data: bytes
+    format: Literal["png", "jpeg"] | None = None  # None: the server detects it
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreItem:
+    """One item for a stream: an (H, W, C) uint8 array or an EncodedImage, with optional prompt and metadata."""
+
+    image: npt.NDArray[np.uint8] | EncodedImage
+    prompt: str | None = None
+    metadata: Mapping[str, Any] | None = None
+    id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardInfo:
+    """A reward the server offers (``ListRewards``)."""
+
+    name: str
+    description: str
+    version: str
+    units: str
+    higher_is_better: bool
+    requires_prompt: bool
+    channels: tuple[int, ...]
+    min_size: tuple[int, int]  # (height, width)
+    max_size: tuple[int, int]
+    component_names: tuple[str, ...]
+
+    @classmethod
+    def from_proto(cls, spec: pb.RewardSpec) -> RewardInfo:
+        image = spec.image_spec
+        return cls(name=spec.name, description=spec.description, version=spec.version, units=spec.units,
+                   higher_is_better=spec.direction != pb.DIRECTION_LOWER_IS_BETTER,
+                   requires_prompt=spec.requires_prompt, channels=tuple(image.channels),
+                   min_size=(image.min_height, image.min_width), max_size=(image.max_height, image.max_width),
+                   component_names=tuple(spec.component_names))
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemResult:
+    """The answer for one item. ``score`` is NaN unless ``ok``; ``code``/``message`` say why it failed."""
+
+    id: str
+    code: grpc.StatusCode
+    message: str
+    score: float
+    components: dict[str, float]
+    info: dict[str, str]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.code == grpc.StatusCode.OK)
+
+    @classmethod
+    def from_proto(cls, result: pb.ScoreResult) -> ItemResult:
+        code = _CODES.get(result.status.code, grpc.StatusCode.UNKNOWN)
+        ok = code == grpc.StatusCode.OK
+        return cls(id=result.id, code=code, message=result.status.message,
+                   score=result.score if ok else float("nan"),
+                   components=dict(result.components), info=dict(result.info))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchResult:
+    """Results of one ``score`` call, in the order of the items sent."""
+
+    items: list[ItemResult]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.items)
+
+    @property
+    def failed(self) -> list[ItemResult]:
+        return [r for r in self.items if not r.ok]
+
+    @property
+    def scores(self) -> npt.NDArray[np.float64]:
+        """Scores as an array; raises ItemsFailedError if any item failed (a failure never becomes a number)."""
+        if not self.ok:
+            raise ItemsFailedError(self.failed)
+        return np.array([r.score for r in self.items], dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self.items)
