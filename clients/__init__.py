@@ -1,8 +1,8 @@
 """Python client of the DDPO reward service (grpcio, protobuf and numpy only).
 
-    from clients import RewardClient
-    with RewardClient("127.0.0.1:50051") as client:
-        scores = client.score("jpeg_compressibility", images).scores
+from clients import RewardClient
+with RewardClient("127.0.0.1:50051") as client:
+    scores = client.score("jpeg_compressibility", images).scores
 """
 
 from clients.aio import AsyncRewardClient, AsyncScoreStream

@@ -34,10 +34,16 @@ _RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
-SERVICE_CONFIG = json.dumps({"methodConfig": [{
-    "name": [{"service": SERVICE}, {"service": "grpc.health.v1.Health"}],
-    "retryPolicy": _RETRY_POLICY,
-}]})
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE}, {"service": "grpc.health.v1.Health"}],
+                "retryPolicy": _RETRY_POLICY,
+            }
+        ]
+    }
+)
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -57,8 +63,13 @@ class Target:
     metadata: tuple[tuple[str, str], ...]
 
 
-def parse_target(server: str, *, tls: bool | None = None, root_certificates: bytes | str | Path | None = None,
-                 auth_token: str | None = None) -> Target:
+def parse_target(
+    server: str,
+    *,
+    tls: bool | None = None,
+    root_certificates: bytes | str | Path | None = None,
+    auth_token: str | None = None,
+) -> Target:
     scheme, sep, rest = server.partition("://")
     if not sep:
         scheme, rest = "grpc", server
@@ -87,8 +98,7 @@ def encode_png(image: npt.NDArray[np.uint8]) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
 def to_proto_image(image: ImageInput, field: str, encoding: Encoding) -> pb.Image:
@@ -100,30 +110,44 @@ def to_proto_image(image: ImageInput, field: str, encoding: Encoding) -> pb.Imag
     if not isinstance(image, np.ndarray):
         raise TypeError(f"{field} must be a numpy array or EncodedImage, got {type(image).__name__}")
     if image.dtype != np.uint8:
-        raise ValueError(f"{field} has dtype {image.dtype}; images must be uint8 "
-                         f"(from floats in [0, 1]: (x * 255).round().clip(0, 255).astype(np.uint8))")
+        raise ValueError(
+            f"{field} has dtype {image.dtype}; images must be uint8 "
+            f"(from floats in [0, 1]: (x * 255).round().clip(0, 255).astype(np.uint8))"
+        )
     if image.ndim != 3:
-        raise ValueError(f"{field} has shape {image.shape}; expected (H, W, C) "
-                         f"(a grayscale (H, W) image needs image[..., None])")
+        raise ValueError(
+            f"{field} has shape {image.shape}; expected (H, W, C) (a grayscale (H, W) image needs image[..., None])"
+        )
     if 0 in image.shape:
         raise ValueError(f"{field} has shape {image.shape}; every dimension must be > 0")
     if image.shape[2] not in (1, 3, 4):
-        raise ValueError(f"{field} has {image.shape[2]} channels; expected 1, 3 or 4 in HWC layout "
-                         f"(is it CHW? use image.transpose(1, 2, 0))")
+        raise ValueError(
+            f"{field} has {image.shape[2]} channels; expected 1, 3 or 4 in HWC layout "
+            f"(is it CHW? use image.transpose(1, 2, 0))"
+        )
     if encoding == "png":
         return pb.Image(encoded=pb.EncodedImage(data=encode_png(image), format=pb.IMAGE_FORMAT_PNG))
     if encoding != "raw":
         raise ValueError(f"encoding must be 'raw' or 'png', got {encoding!r}")
     height, width, channels = image.shape
-    return pb.Image(raw=pb.RawImage(data=np.ascontiguousarray(image).tobytes(), height=height, width=width,
-                                    channels=channels, dtype=pb.DTYPE_UINT8))
+    return pb.Image(
+        raw=pb.RawImage(
+            data=np.ascontiguousarray(image).tobytes(),
+            height=height,
+            width=width,
+            channels=channels,
+            dtype=pb.DTYPE_UINT8,
+        )
+    )
 
 
 def _image_list(images: Images) -> list[ImageInput]:
     if isinstance(images, np.ndarray):
         if images.ndim != 4:
-            raise ValueError(f"images has shape {images.shape}; a batch array must be (N, H, W, C), "
-                             f"or pass a list of (H, W, C) arrays")
+            raise ValueError(
+                f"images has shape {images.shape}; a batch array must be (N, H, W, C), "
+                f"or pass a list of (H, W, C) arrays"
+            )
         return list(images)
     return list(images)
 
@@ -141,8 +165,13 @@ def _metadata_struct(value: Mapping[str, Any] | None, field: str) -> struct_pb2.
     return metadata
 
 
-def build_items(images: Images, prompts: Sequence[str | None] | None, metadata: Sequence[Mapping[str, Any] | None]
-                | None, ids: Sequence[str], encoding: Encoding) -> list[pb.Item]:
+def build_items(
+    images: Images,
+    prompts: Sequence[str | None] | None,
+    metadata: Sequence[Mapping[str, Any] | None] | None,
+    ids: Sequence[str],
+    encoding: Encoding,
+) -> list[pb.Item]:
     """Check a batch and turn it into protobuf items."""
     image_list = _image_list(images)
     n = len(image_list)
@@ -156,9 +185,14 @@ def build_items(images: Images, prompts: Sequence[str | None] | None, metadata: 
         prompt = prompts[i] if prompts is not None else None
         if prompt is not None and not isinstance(prompt, str):
             raise TypeError(f"prompts[{i}] must be a str or None, got {type(prompt).__name__}")
-        items.append(pb.Item(id=ids[i], image=to_proto_image(image, f"images[{i}]", encoding), prompt=prompt,
-                             metadata=_metadata_struct(metadata[i] if metadata is not None else None,
-                                                       f"metadata[{i}]")))
+        items.append(
+            pb.Item(
+                id=ids[i],
+                image=to_proto_image(image, f"images[{i}]", encoding),
+                prompt=prompt,
+                metadata=_metadata_struct(metadata[i] if metadata is not None else None, f"metadata[{i}]"),
+            )
+        )
     return items
 
 
@@ -169,8 +203,10 @@ def check_ids(ids: Sequence[str], taken: set[str]) -> None:
         if not isinstance(item_id, str) or not item_id:
             raise ValueError(f"ids[{i}] must be a non-empty string, got {item_id!r}")
         if item_id in seen or item_id in taken:
-            raise ValueError(f"ids[{i}] {item_id!r} is a duplicate; ids must be unique "
-                             f"{'within the stream' if item_id in taken else 'within the call'}")
+            raise ValueError(
+                f"ids[{i}] {item_id!r} is a duplicate; ids must be unique "
+                f"{'within the stream' if item_id in taken else 'within the call'}"
+            )
         seen.add(item_id)
 
 
@@ -178,8 +214,10 @@ def order_results(items: Sequence[pb.Item], results: Iterable[pb.ScoreResult]) -
     """Results of a unary Score call, checked to answer each item exactly once, in order."""
     parsed = [ItemResult.from_proto(r) for r in results]
     if [r.id for r in parsed] != [item.id for item in items]:
-        raise RuntimeError(f"the server answered ids {[r.id for r in parsed][:10]} for items "
-                           f"{[item.id for item in items][:10]}; the contract is one result per item, in order")
+        raise RuntimeError(
+            f"the server answered ids {[r.id for r in parsed][:10]} for items "
+            f"{[item.id for item in items][:10]}; the contract is one result per item, in order"
+        )
     return parsed
 
 
@@ -192,9 +230,15 @@ class StreamLedger:
         self.answered: set[str] = set()
         self.closed = False
 
-    def request(self, reward: str, images: Images, prompts: Sequence[str | None] | None,
-                metadata: Sequence[Mapping[str, Any] | None] | None, ids: Sequence[str] | None,
-                encoding: Encoding) -> tuple[pb.ScoreStreamRequest, list[str]]:
+    def request(
+        self,
+        reward: str,
+        images: Images,
+        prompts: Sequence[str | None] | None,
+        metadata: Sequence[Mapping[str, Any] | None] | None,
+        ids: Sequence[str] | None,
+        encoding: Encoding,
+    ) -> tuple[pb.ScoreStreamRequest, list[str]]:
         if self.closed:
             raise RuntimeError("the stream is closed; open a new one to send more items")
         if not reward:
@@ -210,8 +254,10 @@ class StreamLedger:
 
     def answer(self, result: pb.ScoreResult) -> ItemResult:
         if result.id not in self.sent or result.id in self.answered:
-            raise RuntimeError(f"the server answered id {result.id!r} "
-                               f"{'twice' if result.id in self.answered else 'which was never sent'}")
+            raise RuntimeError(
+                f"the server answered id {result.id!r} "
+                f"{'twice' if result.id in self.answered else 'which was never sent'}"
+            )
         self.answered.add(result.id)
         return ItemResult.from_proto(result)
 

@@ -1,13 +1,13 @@
 """The asyncio client: the same API as ``RewardClient``, with coroutines.
 
-    async with AsyncRewardClient("127.0.0.1:50051") as client:
-        await client.wait_ready()
-        batch = await client.score("jpeg_compressibility", images)
-        async with client.open_stream() as stream:
-            await stream.send("jpeg_compressibility", images)
-            await stream.close()
-            async for result in stream.results():
-                ...
+async with AsyncRewardClient("127.0.0.1:50051") as client:
+    await client.wait_ready()
+    batch = await client.score("jpeg_compressibility", images)
+    async with client.open_stream() as stream:
+        await stream.send("jpeg_compressibility", images)
+        await stream.close()
+        async for result in stream.results():
+            ...
 """
 
 from __future__ import annotations
@@ -32,9 +32,16 @@ from clients.types import BatchResult, ItemResult, RewardInfo
 class AsyncRewardClient:
     """Asyncio client of a reward server. Every call has a deadline (``timeout`` seconds, overridable per call)."""
 
-    def __init__(self, server: str, *, timeout: float = 60.0, stream_timeout: float = 3600.0,
-                 tls: bool | None = None, root_certificates: bytes | str | Path | None = None,
-                 auth_token: str | None = None) -> None:
+    def __init__(
+        self,
+        server: str,
+        *,
+        timeout: float = 60.0,
+        stream_timeout: float = 3600.0,
+        tls: bool | None = None,
+        root_certificates: bytes | str | Path | None = None,
+        auth_token: str | None = None,
+    ) -> None:
         self.target = parse_target(server, tls=tls, root_certificates=root_certificates, auth_token=auth_token)
         self.timeout = timeout
         self.stream_timeout = stream_timeout
@@ -64,18 +71,21 @@ class AsyncRewardClient:
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    raise TimeoutError(f"{self.target.address} not ready after {timeout:g}s "
-                                       f"({service or 'server'}: {last})")
+                    raise TimeoutError(
+                        f"{self.target.address} not ready after {timeout:g}s ({service or 'server'}: {last})"
+                    )
                 try:
-                    response = await self._health.Check(health_pb2.HealthCheckRequest(service=service),
-                                                        timeout=min(remaining, 5.0), wait_for_ready=True)
+                    response = await self._health.Check(
+                        health_pb2.HealthCheckRequest(service=service), timeout=min(remaining, 5.0), wait_for_ready=True
+                    )
                     if response.status == health_pb2.HealthCheckResponse.SERVING:
                         break
                     last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
                 except grpc.aio.AioRpcError as error:
                     if error.code() == grpc.StatusCode.NOT_FOUND:
-                        raise RewardServiceError(error.code(), f"the server has no reward {service[7:]!r}",
-                                                 "wait_ready") from None
+                        raise RewardServiceError(
+                            error.code(), f"the server has no reward {service[7:]!r}", "wait_ready"
+                        ) from None
                     last = f"{error.code().name}: {error.details()}"
                 await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
 
@@ -83,9 +93,16 @@ class AsyncRewardClient:
         response = await self._call("ListRewards", self._stub.ListRewards, pb.ListRewardsRequest(), timeout)
         return [RewardInfo.from_proto(spec) for spec in response.rewards]
 
-    async def score(self, reward: str, images: Images, prompts: Sequence[str | None] | None = None,
-                    metadata: Sequence[Mapping[str, Any] | None] | None = None, ids: Sequence[str] | None = None,
-                    encoding: Encoding = "raw", timeout: float | None = None) -> BatchResult:
+    async def score(
+        self,
+        reward: str,
+        images: Images,
+        prompts: Sequence[str | None] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        ids: Sequence[str] | None = None,
+        encoding: Encoding = "raw",
+        timeout: float | None = None,
+    ) -> BatchResult:
         """Score a batch in one call; results are in the order of ``images``. Per-item failures are in the result."""
         request = score_request(reward, images, prompts, metadata, ids, encoding)
         response = await self._call("Score", self._stub.Score, request, timeout)
@@ -96,8 +113,9 @@ class AsyncRewardClient:
 
     async def _call(self, method: str, stub_method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await stub_method(request, timeout=self.timeout if timeout is None else timeout,
-                                     metadata=self.target.metadata)
+            return await stub_method(
+                request, timeout=self.timeout if timeout is None else timeout, metadata=self.target.metadata
+            )
         except grpc.aio.AioRpcError as error:
             raise RewardServiceError.from_rpc_error(error, method) from None
 
@@ -105,22 +123,28 @@ class AsyncRewardClient:
 class AsyncScoreStream:
     """One bidirectional ScoreStream. ``send`` does not wait for results; ``results`` yields them as they come."""
 
-    def __init__(self, stub: pb_grpc.RewardServiceStub, metadata: tuple[tuple[str, str], ...],
-                 timeout: float) -> None:
+    def __init__(self, stub: pb_grpc.RewardServiceStub, metadata: tuple[tuple[str, str], ...], timeout: float) -> None:
         self._ledger = StreamLedger()
         self._call = stub.ScoreStream(timeout=timeout, metadata=metadata)
 
     async def __aenter__(self) -> AsyncScoreStream:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        traceback: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         if exc_type is not None or not self._ledger.done:
             self._call.cancel()
 
-    async def send(self, reward: str, images: Images, prompts: Sequence[str | None] | None = None,
-                   metadata: Sequence[Mapping[str, Any] | None] | None = None, ids: Sequence[str] | None = None,
-                   encoding: Encoding = "raw") -> list[str]:
+    async def send(
+        self,
+        reward: str,
+        images: Images,
+        prompts: Sequence[str | None] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        ids: Sequence[str] | None = None,
+        encoding: Encoding = "raw",
+    ) -> list[str]:
         """Send a batch for ``reward`` and return its item ids (default: "0", "1", ... over the stream)."""
         request, sent_ids = self._ledger.request(reward, images, prompts, metadata, ids, encoding)
         try:

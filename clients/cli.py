@@ -29,8 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        print(f"ddpo {command}: missing dependency ({error}); install it with `pip install 'ddpo[{extra}]'`",
-              file=sys.stderr)
+        print(
+            f"ddpo {command}: missing dependency ({error}); install it with `pip install 'ddpo[{extra}]'`",
+            file=sys.stderr,
+        )
         return 2
     result: int = module.main(rest)
     return result

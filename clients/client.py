@@ -1,16 +1,16 @@
 """The synchronous client.
 
-    with RewardClient("127.0.0.1:50051") as client:
-        client.wait_ready(timeout=30)
-        batch = client.score("jpeg_compressibility", images)       # (N, H, W, 3) uint8 or a list of HWC arrays
-        print(batch.scores)                                         # raises ItemsFailedError if any item failed
+with RewardClient("127.0.0.1:50051") as client:
+    client.wait_ready(timeout=30)
+    batch = client.score("jpeg_compressibility", images)       # (N, H, W, 3) uint8 or a list of HWC arrays
+    print(batch.scores)                                         # raises ItemsFailedError if any item failed
 
-        with client.open_stream() as stream:                        # send while you produce, read as results come
-            stream.send("jpeg_compressibility", first_images)
-            stream.send("jpeg_compressibility", more_images)
-            stream.close()
-            for result in stream.results():
-                ...
+    with client.open_stream() as stream:                        # send while you produce, read as results come
+        stream.send("jpeg_compressibility", first_images)
+        stream.send("jpeg_compressibility", more_images)
+        stream.close()
+        for result in stream.results():
+            ...
 """
 
 from __future__ import annotations
@@ -54,9 +54,16 @@ def health_services(rewards: Iterable[str] | None) -> list[str]:
 class RewardClient:
     """Blocking client of a reward server. Every call has a deadline (``timeout`` seconds, overridable per call)."""
 
-    def __init__(self, server: str, *, timeout: float = 60.0, stream_timeout: float = 3600.0,
-                 tls: bool | None = None, root_certificates: bytes | str | Path | None = None,
-                 auth_token: str | None = None) -> None:
+    def __init__(
+        self,
+        server: str,
+        *,
+        timeout: float = 60.0,
+        stream_timeout: float = 3600.0,
+        tls: bool | None = None,
+        root_certificates: bytes | str | Path | None = None,
+        auth_token: str | None = None,
+    ) -> None:
         self.target = parse_target(server, tls=tls, root_certificates=root_certificates, auth_token=auth_token)
         self.timeout = timeout
         self.stream_timeout = stream_timeout
@@ -85,18 +92,21 @@ class RewardClient:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"{self.target.address} not ready after {timeout:g}s "
-                                       f"({service or 'server'}: {last})")
+                    raise TimeoutError(
+                        f"{self.target.address} not ready after {timeout:g}s ({service or 'server'}: {last})"
+                    )
                 try:
-                    response = self._health.Check(health_pb2.HealthCheckRequest(service=service),
-                                                  timeout=min(remaining, 5.0), wait_for_ready=True)
+                    response = self._health.Check(
+                        health_pb2.HealthCheckRequest(service=service), timeout=min(remaining, 5.0), wait_for_ready=True
+                    )
                     if response.status == health_pb2.HealthCheckResponse.SERVING:
                         break
                     last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
                 except grpc.RpcError as error:
                     if error.code() == grpc.StatusCode.NOT_FOUND:
-                        raise RewardServiceError(error.code(), f"the server has no reward {service[7:]!r}",
-                                                 "wait_ready") from None
+                        raise RewardServiceError(
+                            error.code(), f"the server has no reward {service[7:]!r}", "wait_ready"
+                        ) from None
                     last = f"{error.code().name}: {error.details()}"
                 time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
@@ -104,9 +114,16 @@ class RewardClient:
         response = self._call("ListRewards", self._stub.ListRewards, pb.ListRewardsRequest(), timeout)
         return [RewardInfo.from_proto(spec) for spec in response.rewards]
 
-    def score(self, reward: str, images: Images, prompts: Sequence[str | None] | None = None,
-              metadata: Sequence[Mapping[str, Any] | None] | None = None, ids: Sequence[str] | None = None,
-              encoding: Encoding = "raw", timeout: float | None = None) -> BatchResult:
+    def score(
+        self,
+        reward: str,
+        images: Images,
+        prompts: Sequence[str | None] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        ids: Sequence[str] | None = None,
+        encoding: Encoding = "raw",
+        timeout: float | None = None,
+    ) -> BatchResult:
         """Score a batch in one call; results are in the order of ``images``. Per-item failures are in the result."""
         request = score_request(reward, images, prompts, metadata, ids, encoding)
         response = self._call("Score", self._stub.Score, request, timeout)
@@ -116,10 +133,16 @@ class RewardClient:
         """Open a ScoreStream: send batches as they are produced, read results as they come."""
         return ScoreStream(self._stub, self.target.metadata, self.stream_timeout if timeout is None else timeout)
 
-    def score_stream(self, reward: str, items: Iterable[ScoreItem | ImageInput], encoding: Encoding = "raw",
-                     timeout: float | None = None) -> Iterator[ItemResult]:
+    def score_stream(
+        self,
+        reward: str,
+        items: Iterable[ScoreItem | ImageInput],
+        encoding: Encoding = "raw",
+        timeout: float | None = None,
+    ) -> Iterator[ItemResult]:
         """Send ``items`` one by one as the iterable yields them; yield results as they arrive (any order)."""
         with self.open_stream(timeout) as stream:
+
             def send_all() -> None:
                 try:
                     for item in items_from(items):
@@ -127,6 +150,7 @@ class RewardClient:
                         stream.send(reward, [item.image], [item.prompt], [item.metadata], ids, encoding)
                 finally:
                     stream.close()
+
             sender = threading.Thread(target=send_all, name="score-stream-sender", daemon=True)
             sender.start()
             yield from stream.results()
@@ -134,15 +158,21 @@ class RewardClient:
 
     def _call(self, method: str, stub_method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return stub_method(request, timeout=self.timeout if timeout is None else timeout,
-                               metadata=self.target.metadata)
+            return stub_method(
+                request, timeout=self.timeout if timeout is None else timeout, metadata=self.target.metadata
+            )
         except grpc.RpcError as error:
             raise RewardServiceError.from_rpc_error(error, method) from None
 
 
-def score_request(reward: str, images: Images, prompts: Sequence[str | None] | None,
-                  metadata: Sequence[Mapping[str, Any] | None] | None, ids: Sequence[str] | None,
-                  encoding: Encoding) -> pb.ScoreRequest:
+def score_request(
+    reward: str,
+    images: Images,
+    prompts: Sequence[str | None] | None,
+    metadata: Sequence[Mapping[str, Any] | None] | None,
+    ids: Sequence[str] | None,
+    encoding: Encoding,
+) -> pb.ScoreRequest:
     """The checked ScoreRequest of a batch; ids default to "0", "1", ..."""
     if not reward:
         raise ValueError("reward must be a non-empty reward name")
@@ -155,8 +185,7 @@ def score_request(reward: str, images: Images, prompts: Sequence[str | None] | N
 class ScoreStream:
     """One bidirectional ScoreStream. ``send`` never waits for results; ``results`` yields them as they come."""
 
-    def __init__(self, stub: pb_grpc.RewardServiceStub, metadata: tuple[tuple[str, str], ...],
-                 timeout: float) -> None:
+    def __init__(self, stub: pb_grpc.RewardServiceStub, metadata: tuple[tuple[str, str], ...], timeout: float) -> None:
         self._ledger = StreamLedger()
         self._lock = threading.Lock()
         self._requests: queue.Queue[Any] = queue.Queue()
@@ -168,14 +197,21 @@ class ScoreStream:
     def __enter__(self) -> ScoreStream:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         if exc_type is not None or not self._ledger.done:
             self.cancel()
 
-    def send(self, reward: str, images: Images, prompts: Sequence[str | None] | None = None,
-             metadata: Sequence[Mapping[str, Any] | None] | None = None, ids: Sequence[str] | None = None,
-             encoding: Encoding = "raw") -> list[str]:
+    def send(
+        self,
+        reward: str,
+        images: Images,
+        prompts: Sequence[str | None] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        ids: Sequence[str] | None = None,
+        encoding: Encoding = "raw",
+    ) -> list[str]:
         """Queue a batch for ``reward`` and return its item ids (default: "0", "1", ... over the stream)."""
         with self._lock:
             request, sent_ids = self._ledger.request(reward, images, prompts, metadata, ids, encoding)

@@ -34,4 +34,3 @@ class ItemsFailedError(Exception):
         more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
         super().__init__(f"{len(failed)} item(s) failed: {shown}{more}")
         self.failed = failed
-

@@ -22,8 +22,9 @@ _MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpo score", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ddpo score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="PNG or JPEG images")
     parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT, grpc://HOST:PORT or grpcs://...")
     parser.add_argument("--reward", required=True, help="reward name (see the server's ListRewards)")
@@ -82,10 +83,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[Path, ItemResult] = {}
     if images:
         try:
-            with RewardClient(args.server, timeout=args.timeout, tls=args.tls or None,
-                              root_certificates=args.root_certificates, auth_token=token) as client:
-                batch = client.score(args.reward, list(images.values()),
-                                     prompts=[args.prompt] * len(images) if args.prompt is not None else None)
+            with RewardClient(
+                args.server,
+                timeout=args.timeout,
+                tls=args.tls or None,
+                root_certificates=args.root_certificates,
+                auth_token=token,
+            ) as client:
+                batch = client.score(
+                    args.reward,
+                    list(images.values()),
+                    prompts=[args.prompt] * len(images) if args.prompt is not None else None,
+                )
         except RewardServiceError as error:
             print(f"ddpo score: {error}", file=sys.stderr)
             return EXIT_SERVICE

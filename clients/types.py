@@ -52,11 +52,18 @@ class RewardInfo:
     @classmethod
     def from_proto(cls, spec: pb.RewardSpec) -> RewardInfo:
         image = spec.image_spec
-        return cls(name=spec.name, description=spec.description, version=spec.version, units=spec.units,
-                   higher_is_better=spec.direction != pb.DIRECTION_LOWER_IS_BETTER,
-                   requires_prompt=spec.requires_prompt, channels=tuple(image.channels),
-                   min_size=(image.min_height, image.min_width), max_size=(image.max_height, image.max_width),
-                   component_names=tuple(spec.component_names))
+        return cls(
+            name=spec.name,
+            description=spec.description,
+            version=spec.version,
+            units=spec.units,
+            higher_is_better=spec.direction != pb.DIRECTION_LOWER_IS_BETTER,
+            requires_prompt=spec.requires_prompt,
+            channels=tuple(image.channels),
+            min_size=(image.min_height, image.min_width),
+            max_size=(image.max_height, image.max_width),
+            component_names=tuple(spec.component_names),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +85,14 @@ class ItemResult:
     def from_proto(cls, result: pb.ScoreResult) -> ItemResult:
         code = _CODES.get(result.status.code, grpc.StatusCode.UNKNOWN)
         ok = code == grpc.StatusCode.OK
-        return cls(id=result.id, code=code, message=result.status.message,
-                   score=result.score if ok else float("nan"),
-                   components=dict(result.components), info=dict(result.info))
+        return cls(
+            id=result.id,
+            code=code,
+            message=result.status.message,
+            score=result.score if ok else float("nan"),
+            components=dict(result.components),
+            info=dict(result.info),
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,8 +44,9 @@ class BatchingConfig:
         if self.max_queue_delay_ms < 0:
             raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
         if self.max_queued_items < self.max_batch_size:
-            raise ValueError(f"max_queued_items ({self.max_queued_items}) must be >= max_batch_size "
-                             f"({self.max_batch_size})")
+            raise ValueError(
+                f"max_queued_items ({self.max_queued_items}) must be >= max_batch_size ({self.max_batch_size})"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +96,9 @@ class RewardWorker:
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():
-                pending.future.set_result(ItemOutcome(ItemError(grpc.StatusCode.UNAVAILABLE,
-                                                                "the server is shutting down")))
+                pending.future.set_result(
+                    ItemOutcome(ItemError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down"))
+                )
         self._executor.shutdown(wait=True)
 
     def _enqueue(self, items: list[DecodedItem]) -> list[asyncio.Future[ItemOutcome]]:
@@ -109,9 +111,11 @@ class RewardWorker:
     async def submit_nowait(self, items: list[DecodedItem]) -> list[asyncio.Future[ItemOutcome]]:
         """Queue all ``items`` at once, or raise QueueFull without queueing any."""
         if len(self._queue) + len(items) > self.config.max_queued_items:
-            raise QueueFull(f"reward {self.name!r} has {len(self._queue)} items queued (limit "
-                            f"{self.config.max_queued_items}); cannot take {len(items)} more now. Retry with "
-                            f"backoff, or send smaller batches")
+            raise QueueFull(
+                f"reward {self.name!r} has {len(self._queue)} items queued (limit "
+                f"{self.config.max_queued_items}); cannot take {len(items)} more now. Retry with "
+                f"backoff, or send smaller batches"
+            )
         futures = self._enqueue(items)
         async with self._changed:
             self._changed.notify_all()
@@ -121,7 +125,8 @@ class RewardWorker:
         """Queue ``items``, waiting for room (back-pressure for streams)."""
         async with self._changed:
             await self._changed.wait_for(
-                lambda: len(self._queue) + len(items) <= max(self.config.max_queued_items, len(items)))
+                lambda: len(self._queue) + len(items) <= max(self.config.max_queued_items, len(items))
+            )
             futures = self._enqueue(items)
             self._changed.notify_all()
         return futures
@@ -161,7 +166,8 @@ class RewardWorker:
         try:
             started = time.perf_counter()
             outcomes = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._score_in_thread, [p.item for p in batch])
+                self._executor, self._score_in_thread, [p.item for p in batch]
+            )
             self._metrics.batch_size.labels(self.name).observe(len(batch))
             self._metrics.batch_latency.labels(self.name).observe(time.perf_counter() - started)
             for pending, outcome in zip(batch, outcomes, strict=True):
@@ -172,12 +178,13 @@ class RewardWorker:
 
     def _score_in_thread(self, items: list[DecodedItem]) -> list[ItemOutcome]:
         try:
-            output = self.reward.score([i.image for i in items], [i.prompt for i in items],
-                                       [i.metadata for i in items])
+            output = self.reward.score([i.image for i in items], [i.prompt for i in items], [i.metadata for i in items])
         except Exception as error:
             log.exception("reward failed on a batch", extra={"reward": self.name, "batch_size": len(items)})
-            failure = ItemError(grpc.StatusCode.INTERNAL, f"reward {self.name!r} failed on a batch of {len(items)}: "
-                                                          f"{type(error).__name__}: {error}")
+            failure = ItemError(
+                grpc.StatusCode.INTERNAL,
+                f"reward {self.name!r} failed on a batch of {len(items)}: {type(error).__name__}: {error}",
+            )
             return [ItemOutcome(failure)] * len(items)
         return outcomes_from_output(output, len(items), self.name)
 
@@ -190,10 +197,12 @@ def outcomes_from_output(output: RewardOutput, batch_size: int, reward: str) -> 
         if error is not None:
             outcomes.append(ItemOutcome(error))
             continue
-        outcomes.append(ItemOutcome(
-            None,
-            score=float(output.scores[i]),
-            components={name: float(values[i]) for name, values in output.components.items()},
-            info=dict(output.info[i]) if output.info is not None else {},
-        ))
+        outcomes.append(
+            ItemOutcome(
+                None,
+                score=float(output.scores[i]),
+                components={name: float(values[i]) for name, values in output.components.items()},
+                info=dict(output.info[i]) if output.info is not None else {},
+            )
+        )
     return outcomes

@@ -19,10 +19,15 @@ DEFAULT_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ddpo serve", description="Serve rewards over gRPC (ddpo.reward.v1.RewardService).",
-        epilog=f"Reward types: {', '.join(sorted(REWARD_TYPES))}. Flags override the config file.")
-    parser.add_argument("--rewards", help="comma-separated rewards to serve; each is configured in --config or "
-                        f"takes default settings (default: the config's rewards, else {','.join(DEFAULT_REWARDS)})")
+        prog="ddpo serve",
+        description="Serve rewards over gRPC (ddpo.reward.v1.RewardService).",
+        epilog=f"Reward types: {', '.join(sorted(REWARD_TYPES))}. Flags override the config file.",
+    )
+    parser.add_argument(
+        "--rewards",
+        help="comma-separated rewards to serve; each is configured in --config or "
+        f"takes default settings (default: the config's rewards, else {','.join(DEFAULT_REWARDS)})",
+    )
     parser.add_argument("--config", type=Path, help="TOML or YAML file with [server] and [rewards.NAME] tables")
     parser.add_argument("--host", help="interface to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one and prints it)")
@@ -40,9 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config = load_config(args.config) if args.config else ServerConfig()
-    overrides = {name: getattr(args, name) for name in ("host", "port", "metrics_port", "max_message_mb",
-                                                          "max_concurrent_rpcs", "grace_s", "tls_cert", "tls_key",
-                                                          "auth_token_file") if getattr(args, name) is not None}
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "host",
+            "port",
+            "metrics_port",
+            "max_message_mb",
+            "max_concurrent_rpcs",
+            "grace_s",
+            "tls_cert",
+            "tls_key",
+            "auth_token_file",
+        )
+        if getattr(args, name) is not None
+    }
     rewards = config.rewards
     if args.rewards is not None or not rewards:
         names = [n.strip() for n in (args.rewards or ",".join(DEFAULT_REWARDS)).split(",") if n.strip()]
@@ -51,16 +68,21 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         configured = {r.name: r for r in config.rewards}
         unknown = [n for n in names if n not in configured and n not in REWARD_TYPES]
         if unknown:
-            raise ConfigError(f"--rewards: unknown reward(s) {', '.join(unknown)}; known types: "
-                              f"{', '.join(sorted(REWARD_TYPES))}" + (f"; configured: {', '.join(sorted(configured))}"
-                                                                      if configured else ""))
+            raise ConfigError(
+                f"--rewards: unknown reward(s) {', '.join(unknown)}; known types: "
+                f"{', '.join(sorted(REWARD_TYPES))}"
+                + (f"; configured: {', '.join(sorted(configured))}" if configured else "")
+            )
         rewards = tuple(configured.get(n) or RewardConfig(name=n, type=n) for n in names)
     return dataclasses.replace(config, rewards=rewards, **overrides)
 
 
 def _announce(server: RewardServer) -> None:
-    print(f"ddpo reward server listening on {server.config.host}:{server.port} "
-          f"(rewards: {', '.join(sorted(server.workers))})", flush=True)
+    print(
+        f"ddpo reward server listening on {server.config.host}:{server.port} "
+        f"(rewards: {', '.join(sorted(server.workers))})",
+        flush=True,
+    )
     if server.metrics_port is not None:
         print(f"metrics on http://{server.config.host}:{server.metrics_port}/metrics", flush=True)
 

@@ -18,11 +18,12 @@ Every key is checked: an unknown key is an error that lists the known ones.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import yaml
 
 from reward_server.batching import BatchingConfig
@@ -93,6 +94,28 @@ _BATCHING_KEYS = {f.name for f in dataclasses.fields(BatchingConfig)}
 _REWARD_KEYS = {"type", "options", "max_image_size"} | _BATCHING_KEYS
 
 
+# What a TOML/YAML value may be for each annotated type (paths are written as strings).
+_ACCEPTED_VALUES: dict[Any, tuple[type, ...]] = {
+    int: (int,),
+    float: (int, float),
+    str: (str,),
+    bool: (bool,),
+    Path: (str,),
+    type(None): (type(None),),
+}
+
+
+def _check_types(section: str, values: Mapping[str, Any], cls: type) -> None:
+    """Reject values whose type does not match the dataclass field, naming the key."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        hint = hints[key]
+        accepted = tuple(t for arg in (typing.get_args(hint) or (hint,)) for t in _ACCEPTED_VALUES.get(arg, (object,)))
+        if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+            names = " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in accepted}))
+            raise ConfigError(f"{section} {key} must be {names}, got {type(value).__name__} {value!r}")
+
+
 def _reject_unknown(section: str, given: Mapping[str, Any], known: set[str]) -> None:
     unknown = sorted(set(given) - known)
     if unknown:
@@ -108,23 +131,31 @@ def _reward_config(name: str, table: Any) -> RewardConfig:
     _reject_unknown(section, table, _REWARD_KEYS)
     reward_type = table.get("type", name)
     if reward_type not in REWARD_TYPES:
-        raise ConfigError(f"{section}: unknown reward type {reward_type!r}; known types: "
-                          f"{', '.join(sorted(REWARD_TYPES))} (set `type = ...` when the name differs)")
+        raise ConfigError(
+            f"{section}: unknown reward type {reward_type!r}; known types: "
+            f"{', '.join(sorted(REWARD_TYPES))} (set `type = ...` when the name differs)"
+        )
     options = table.get("options", {})
     if not isinstance(options, Mapping):
         raise ConfigError(f"{section}.options must be a table, got {type(options).__name__}")
     max_image_size = table.get("max_image_size")
     if max_image_size is not None:
-        if (not isinstance(max_image_size, list | tuple) or len(max_image_size) != 2
-                or not all(isinstance(v, int) and v > 0 for v in max_image_size)):
+        if (
+            not isinstance(max_image_size, list | tuple)
+            or len(max_image_size) != 2
+            or not all(isinstance(v, int) and v > 0 for v in max_image_size)
+        ):
             raise ConfigError(f"{section}.max_image_size must be [height, width] in pixels, got {max_image_size!r}")
         max_image_size = (max_image_size[0], max_image_size[1])
+    batching_values = {k: v for k, v in table.items() if k in _BATCHING_KEYS}
+    _check_types(section, batching_values, BatchingConfig)
     try:
-        batching = BatchingConfig(**{k: v for k, v in table.items() if k in _BATCHING_KEYS})
+        batching = BatchingConfig(**batching_values)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{section}: {error}") from None
-    return RewardConfig(name=name, type=reward_type, batching=batching, max_image_size=max_image_size,
-                        options=dict(options))
+    return RewardConfig(
+        name=name, type=reward_type, batching=batching, max_image_size=max_image_size, options=dict(options)
+    )
 
 
 def parse_config(data: Mapping[str, Any], source: str = "config") -> ServerConfig:
@@ -137,10 +168,12 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> ServerConfi
     if not isinstance(server, Mapping) or not isinstance(rewards, Mapping):
         raise ConfigError(f"{source}: [server] and [rewards] must be tables")
     _reject_unknown(f"{source} [server]", server, _SERVER_KEYS)
+    _check_types(f"{source} [server]", server, ServerConfig)
     paths = {k: Path(v) for k, v in server.items() if k in ("tls_cert", "tls_key", "auth_token_file")}
     try:
-        return ServerConfig(**{**server, **paths},
-                            rewards=tuple(_reward_config(str(name), table) for name, table in rewards.items()))
+        return ServerConfig(
+            **{**server, **paths}, rewards=tuple(_reward_config(str(name), table) for name, table in rewards.items())
+        )
     except TypeError as error:
         raise ConfigError(f"{source}: {error}") from None
 

@@ -74,8 +74,11 @@ class _BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         given_bytes = given.encode() if isinstance(given, str) else given
         if hmac.compare_digest(given_bytes, self._expected):
             return handler
-        reason = ("missing `authorization: Bearer <token>` metadata" if not given_bytes
-                  else "the bearer token does not match the server's")
+        reason = (
+            "missing `authorization: Bearer <token>` metadata"
+            if not given_bytes
+            else "the bearer token does not match the server's"
+        )
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
@@ -98,6 +101,7 @@ class RewardServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._servicer = RewardServicer(self.workers, self.metrics)
         self._metrics_http: Any = None
 
     async def start(self) -> None:
@@ -117,11 +121,11 @@ class RewardServer:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)],
         )
-        pb_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.workers, self.metrics), server)
+        pb_grpc.add_RewardServiceServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server)
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        )
         address = f"{config.host}:{config.port}"
         if config.tls_cert is not None and config.tls_key is not None:
             credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
@@ -129,8 +133,9 @@ class RewardServer:
         else:
             self.port = server.add_insecure_port(address)
         if config.metrics_port is not None:
-            self._metrics_http, _ = start_http_server(config.metrics_port, addr=config.host,
-                                                      registry=self.metrics.registry)
+            self._metrics_http, _ = start_http_server(
+                config.metrics_port, addr=config.host, registry=self.metrics.registry
+            )
             self.metrics_port = self._metrics_http.server_port
         await server.start()
         self._server = server
@@ -138,17 +143,30 @@ class RewardServer:
             worker.start()
         for service in ("", SERVICE_NAME, *(reward_health_name(name) for name in self.workers)):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"address": f"{config.host}:{self.port}", "rewards": sorted(self.workers),
-                                   "tls": config.tls_cert is not None, "auth": config.auth_token_file is not None,
-                                   "metrics_port": self.metrics_port})
+        log.info(
+            "serving",
+            extra={
+                "address": f"{config.host}:{self.port}",
+                "rewards": sorted(self.workers),
+                "tls": config.tls_cert is not None,
+                "auth": config.auth_token_file is not None,
+                "metrics_port": self.metrics_port,
+            },
+        )
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then stop the workers."""
+        """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then stop the workers.
+
+        Only scoring RPCs are waited for: long-lived health Watch streams would otherwise hold every shutdown for
+        the whole grace period.
+        """
         grace = self.config.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         log.info("shutting down", extra={"grace_s": grace})
+        if not await self._servicer.drain(grace):
+            log.warning("grace period over; cancelling the RPCs still running", extra={"grace_s": grace})
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(0)
         await asyncio.gather(*(worker.stop() for worker in self.workers.values()))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -168,8 +186,11 @@ def _read_token(config: ServerConfig) -> str:
     return token
 
 
-async def serve(config: ServerConfig, rewards: Sequence[tuple[Reward, BatchingConfig]] | None = None,
-                on_started: Callable[[RewardServer], None] | None = None) -> None:
+async def serve(
+    config: ServerConfig,
+    rewards: Sequence[tuple[Reward, BatchingConfig]] | None = None,
+    on_started: Callable[[RewardServer], None] | None = None,
+) -> None:
     """Run a server until SIGTERM or SIGINT, then shut it down gracefully."""
     server = RewardServer(config, rewards)
     await server.start()

@@ -39,14 +39,32 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     def __init__(self, workers: dict[str, RewardWorker], metrics: ServerMetrics) -> None:
         self._workers = workers
         self._metrics = metrics
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new RPCs (UNAVAILABLE, which clients retry elsewhere) and wait for in-flight ones to finish.
+
+        Returns False if some were still running after ``timeout`` seconds.
+        """
+        self._draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     # --- RPCs -------------------------------------------------------------------------------------------------
 
-    async def ListRewards(self, request: pb.ListRewardsRequest,
-                          context: grpc.aio.ServicerContext) -> pb.ListRewardsResponse:
+    async def ListRewards(
+        self, request: pb.ListRewardsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRewardsResponse:
         async with self._track("ListRewards", context):
             return pb.ListRewardsResponse(
-                rewards=[spec_to_proto(self._workers[name].reward.spec) for name in sorted(self._workers)])
+                rewards=[spec_to_proto(self._workers[name].reward.spec) for name in sorted(self._workers)]
+            )
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         async with self._track("Score", context):
@@ -76,8 +94,9 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 results[index] = self._answer(worker.name, decoded.id, outcome, started)
             return pb.ScoreResponse(results=[result for result in results if result is not None])
 
-    async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreStreamRequest],
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreStreamResponse]:
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[pb.ScoreStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoreStreamResponse]:
         async with self._track("ScoreStream", context):
             answers: asyncio.Queue[pb.ScoreResult | CallError | None] = asyncio.Queue()
             futures: list[asyncio.Future[ItemOutcome]] = []
@@ -109,9 +128,12 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
-    async def _read_stream(self, request_iterator: AsyncIterator[pb.ScoreStreamRequest],
-                           answers: asyncio.Queue[pb.ScoreResult | CallError | None],
-                           futures: list[asyncio.Future[ItemOutcome]]) -> None:
+    async def _read_stream(
+        self,
+        request_iterator: AsyncIterator[pb.ScoreStreamRequest],
+        answers: asyncio.Queue[pb.ScoreResult | CallError | None],
+        futures: list[asyncio.Future[ItemOutcome]],
+    ) -> None:
         """Validate and queue every item of the stream; ends the answers with None, or a CallError."""
         seen: set[str] = set()
         try:
@@ -141,11 +163,13 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         except CallError as error:
             answers.put_nowait(error)
 
-    def _stream_callback(self, answers: asyncio.Queue[pb.ScoreResult | CallError | None], reward: str, item_id: str,
-                         arrived: float) -> Callable[[asyncio.Future[ItemOutcome]], None]:
+    def _stream_callback(
+        self, answers: asyncio.Queue[pb.ScoreResult | CallError | None], reward: str, item_id: str, arrived: float
+    ) -> Callable[[asyncio.Future[ItemOutcome]], None]:
         def deliver(future: asyncio.Future[ItemOutcome]) -> None:
             if not future.cancelled():
                 answers.put_nowait(self._answer(reward, item_id, future.result(), arrived))
+
         return deliver
 
     def _worker(self, reward: str) -> RewardWorker:
@@ -172,8 +196,13 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
     @contextlib.asynccontextmanager
     async def _track(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Count the RPC by its final status code."""
+        """Count the RPC by its final status code, and track it for draining."""
+        if self._draining:
+            self._metrics.requests.labels(method, "UNAVAILABLE").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         code = "OK"
+        self._active += 1
+        self._idle.clear()
         try:
             yield
         except asyncio.CancelledError:
@@ -188,15 +217,22 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             raise
         finally:
             self._metrics.requests.labels(method, code).inc()
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
 
 
 def _check_ids(items: Sequence[pb.Item] | Iterable[pb.Item], field: str, seen: set[str]) -> None:
     """Ids are how results are matched to items: each must be set and unique (within the call or stream)."""
     for index, item in enumerate(items):
         if not item.id:
-            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}[{index}].id is empty; every item needs an "
-                                                              f"id, unique within the call or stream")
+            raise CallError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{field}[{index}].id is empty; every item needs an id, unique within the call or stream",
+            )
         if item.id in seen:
-            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}[{index}].id {item.id!r} is a duplicate; "
-                                                              f"ids must be unique within the call or stream")
+            raise CallError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{field}[{index}].id {item.id!r} is a duplicate; ids must be unique within the call or stream",
+            )
         seen.add(item.id)

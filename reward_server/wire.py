@@ -56,15 +56,19 @@ def sniff_format(data: bytes) -> int:
 def _decode_raw(raw: pb.RawImage, field: str, spec: RewardSpec) -> npt.NDArray[np.uint8]:
     if raw.dtype not in (pb.DTYPE_UNSPECIFIED, pb.DTYPE_UINT8):
         dtype = pb.DType.Name(raw.dtype) if raw.dtype in pb.DType.values() else f"unknown value {raw.dtype}"
-        raise ItemInvalid(f"{field}.dtype is {dtype}; reward {spec.name!r} accepts DTYPE_UINT8 only "
-                          f"(convert floats in [0, 1] with (x * 255).round().clip(0, 255).astype(uint8))")
+        raise ItemInvalid(
+            f"{field}.dtype is {dtype}; reward {spec.name!r} accepts DTYPE_UINT8 only "
+            f"(convert floats in [0, 1] with (x * 255).round().clip(0, 255).astype(uint8))"
+        )
     problem = spec.image_spec.check(raw.height, raw.width, raw.channels)
     if problem:
         raise ItemInvalid(f"{field}: {problem}")
     expected = raw.height * raw.width * raw.channels
     if len(raw.data) != expected:
-        raise ItemInvalid(f"{field}.data has {len(raw.data)} bytes; a {raw.height}x{raw.width}x{raw.channels} "
-                          f"uint8 image (HWC) needs exactly {expected}")
+        raise ItemInvalid(
+            f"{field}.data has {len(raw.data)} bytes; a {raw.height}x{raw.width}x{raw.channels} "
+            f"uint8 image (HWC) needs exactly {expected}"
+        )
     return np.frombuffer(raw.data, dtype=np.uint8).reshape(raw.height, raw.width, raw.channels)
 
 
@@ -73,22 +77,24 @@ def _decode_encoded(encoded: pb.EncodedImage, field: str, spec: RewardSpec) -> n
     if detected == pb.IMAGE_FORMAT_UNSPECIFIED:
         raise ItemInvalid(f"{field}.data is not a PNG or JPEG file (starts with {encoded.data[:8]!r})")
     if encoded.format not in (pb.IMAGE_FORMAT_UNSPECIFIED, detected):
-        raise ItemInvalid(f"{field}.format says {pb.ImageFormat.Name(encoded.format)} but the bytes are "
-                          f"{_FORMAT_NAMES[detected]}")
+        raise ItemInvalid(
+            f"{field}.format says {pb.ImageFormat.Name(encoded.format)} but the bytes are {_FORMAT_NAMES[detected]}"
+        )
     name = _FORMAT_NAMES[detected]
     try:
         with Image.open(io.BytesIO(encoded.data), formats=[name]) as opened:
             width, height = opened.size  # read from the header: the size is checked before anything is decoded
             max_h, max_w = spec.image_spec.max_size
             if height > max_h or width > max_w:
-                raise ItemInvalid(f"{field}: {name} of size {height}x{width} exceeds the maximum {max_h}x{max_w} "
-                                  f"of reward {spec.name!r}")
+                raise ItemInvalid(
+                    f"{field}: {name} of size {height}x{width} exceeds the maximum {max_h}x{max_w} "
+                    f"of reward {spec.name!r}"
+                )
             image: Image.Image = opened
             if image.mode == "P":
                 image = image.convert("RGBA" if "transparency" in image.info else "RGB")
             if image.mode not in _MODE_CHANNELS:
-                raise ItemInvalid(f"{field}: {name} has pixel mode {image.mode!r}; send 8-bit grayscale, RGB or "
-                                  f"RGBA")
+                raise ItemInvalid(f"{field}: {name} has pixel mode {image.mode!r}; send 8-bit grayscale, RGB or RGBA")
             array = np.asarray(image, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise ItemInvalid(f"{field}.data: cannot decode {name}: {error}") from None
@@ -107,12 +113,16 @@ def decode_item(item: pb.Item, field: str, spec: RewardSpec) -> DecodedItem:
     elif kind == "encoded":
         image = _decode_encoded(item.image.encoded, f"{field}.image.encoded", spec)
     else:
-        raise ItemInvalid(f"{field}.image is empty; set image.raw (uint8 HWC bytes with their shape) or "
-                          f"image.encoded (PNG/JPEG bytes)")
+        raise ItemInvalid(
+            f"{field}.image is empty; set image.raw (uint8 HWC bytes with their shape) or "
+            f"image.encoded (PNG/JPEG bytes)"
+        )
     prompt = item.prompt if item.HasField("prompt") else None
     if spec.requires_prompt and not prompt:
-        raise ItemInvalid(f"{field}.prompt is {'empty' if prompt == '' else 'missing'}; reward {spec.name!r} "
-                          f"requires the prompt the image was generated from")
+        raise ItemInvalid(
+            f"{field}.prompt is {'empty' if prompt == '' else 'missing'}; reward {spec.name!r} "
+            f"requires the prompt the image was generated from"
+        )
     metadata = json_format.MessageToDict(item.metadata) if item.HasField("metadata") else {}
     return DecodedItem(id=item.id, image=image, prompt=prompt, metadata=metadata)
 

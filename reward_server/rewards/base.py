@@ -37,8 +37,9 @@ class ImageSpec:
         if not self.channels or any(c < 1 for c in self.channels):
             raise ValueError(f"ImageSpec.channels must be a non-empty tuple of positive ints, got {self.channels}")
         if min(self.min_size) < 1 or any(lo > hi for lo, hi in zip(self.min_size, self.max_size, strict=True)):
-            raise ValueError(f"ImageSpec sizes must satisfy 1 <= min_size <= max_size, got {self.min_size}, "
-                             f"{self.max_size}")
+            raise ValueError(
+                f"ImageSpec sizes must satisfy 1 <= min_size <= max_size, got {self.min_size}, {self.max_size}"
+            )
 
     def check(self, height: int, width: int, channels: int) -> str | None:
         """Return why an image of this shape is not accepted, or None when it is."""
@@ -49,7 +50,7 @@ class ImageSpec:
             return f"has {channels} channels; this reward accepts {accepted} (HWC layout, RGB)"
         (min_h, min_w), (max_h, max_w) = self.min_size, self.max_size
         if not (min_h <= height <= max_h and min_w <= width <= max_w):
-            return (f"size {height}x{width} (HxW) is outside the accepted range {min_h}x{min_w} to {max_h}x{max_w}")
+            return f"size {height}x{width} (HxW) is outside the accepted range {min_h}x{min_w} to {max_h}x{max_w}"
         return None
 
 
@@ -106,8 +107,10 @@ class RewardOutput:
         errors: list[ItemError | None] = list(self.errors) if self.errors is not None else [None] * batch_size
         for i, score in enumerate(scores):
             if errors[i] is None and not np.isfinite(score):
-                errors[i] = ItemError(grpc.StatusCode.INTERNAL, f"reward {reward!r} returned a non-finite score "
-                                                                f"({score}) without reporting an error")
+                errors[i] = ItemError(
+                    grpc.StatusCode.INTERNAL,
+                    f"reward {reward!r} returned a non-finite score ({score}) without reporting an error",
+                )
         return errors
 
 

@@ -36,7 +36,7 @@ class JpegSize(Reward):
         self.spec = RewardSpec(
             name=name,
             description=f"{'Negative' if sign < 0 else 'Positive'} JPEG size (Pillow, quality 95) in kB: "
-                        f"{goal} files score higher",
+            f"{goal} files score higher",
             version="1",
             units="kB",
             image_spec=ImageSpec(channels=(3,), max_size=(4096, 4096)),

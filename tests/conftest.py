@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from PIL import Image
+
+from tests.support import ServerProcess
+
+
+def _square(image: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.uint8]:
+    side = min(image.shape[:2])
+    top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
+    crop = Image.fromarray(image[top : top + side, left : left + side])
+    return np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC))
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, npt.NDArray[np.uint8]]:
+    """Real RGB photographs shipped by scikit-image and scikit-learn, at their own sizes."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    found = {name: getattr(skimage.data, name)() for name in ("astronaut", "chelsea", "coffee", "rocket")}
+    for name, image in zip(("china", "flower"), load_sample_images().images, strict=True):
+        found[name] = image
+    assert all(image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 for image in found.values())
+    return found
+
+
+@pytest.fixture(scope="session")
+def photo_batch(photos: dict[str, npt.NDArray[np.uint8]]) -> npt.NDArray[np.uint8]:
+    """The photographs as one (6, 128, 128, 3) batch."""
+    return np.stack([_square(image, 128) for image in photos.values()])
+
+
+@pytest.fixture(scope="module")
+def jpeg_server() -> Iterator[ServerProcess]:
+    """`python -m reward_server` with the JPEG rewards, as a separate process on a free loopback port."""
+    with ServerProcess("--rewards", "jpeg_compressibility,jpeg_incompressibility", "--metrics-port", "0") as server:
+        yield server

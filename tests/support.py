@@ -1,0 +1,184 @@
+"""Test harness: real servers on loopback ports (in a thread or as a process) and small test rewards."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from reward_server.batching import BatchingConfig
+from reward_server.config import ServerConfig
+from reward_server.rewards import ImageSpec, ItemError, Metadata, Reward, RewardOutput, RewardSpec
+from reward_server.server import RewardServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mean_pixel(images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float64]:
+    return np.array([float(image.mean()) for image in images])
+
+
+class SlowReward(Reward):
+    """Mean pixel value, after sleeping ``delay`` seconds per batch; records the size of every batch it scores."""
+
+    def __init__(self, name: str = "slow", delay: float = 0.5) -> None:
+        self.spec = RewardSpec(name=name, description="mean pixel, slowly", version="1", units="pixel")
+        self.delay = delay
+        self.batch_sizes: list[int] = []
+
+    def score(
+        self, images: Sequence[npt.NDArray[np.uint8]], prompts: Sequence[str | None], metadata: Sequence[Metadata]
+    ) -> RewardOutput:
+        time.sleep(self.delay)
+        self.batch_sizes.append(len(images))
+        return RewardOutput(scores=mean_pixel(images))
+
+
+class PromptLength(Reward):
+    """Needs a prompt; the score is its length, with the prompt echoed in info and a component."""
+
+    spec = RewardSpec(
+        name="prompt_length",
+        description="length of the prompt",
+        version="1",
+        units="chars",
+        requires_prompt=True,
+        image_spec=ImageSpec(channels=(1, 3, 4), max_size=(64, 64)),
+        component_names=("words",),
+    )
+
+    def score(
+        self, images: Sequence[npt.NDArray[np.uint8]], prompts: Sequence[str | None], metadata: Sequence[Metadata]
+    ) -> RewardOutput:
+        return RewardOutput(
+            scores=np.array([float(len(p or "")) for p in prompts]),
+            components={"words": np.array([float(len((p or "").split())) for p in prompts])},
+            info=[{"prompt": p or "", "tag": str(m.get("tag", ""))} for p, m in zip(prompts, metadata, strict=True)],
+        )
+
+
+class BrokenReward(Reward):
+    """Misbehaves according to ``mode``: raise, nan, wrong_shape, or item_error (for images whose mean is 0)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.spec = RewardSpec(name=f"broken_{mode}", description=f"broken: {mode}", version="1", units="")
+
+    def score(
+        self, images: Sequence[npt.NDArray[np.uint8]], prompts: Sequence[str | None], metadata: Sequence[Metadata]
+    ) -> RewardOutput:
+        scores = mean_pixel(images)
+        if self.mode == "raise":
+            raise RuntimeError("model exploded")
+        if self.mode == "nan":
+            return RewardOutput(scores=np.where(scores == 0, np.nan, scores))
+        if self.mode == "wrong_shape":
+            return RewardOutput(scores=scores[:-1])
+        errors = [
+            ItemError(grpc.StatusCode.FAILED_PRECONDITION, "all-black image cannot be judged") if s == 0 else None
+            for s in scores
+        ]
+        return RewardOutput(scores=scores, errors=errors)
+
+
+class ServerThread:
+    """A real RewardServer on a free loopback port, running its own event loop in a background thread."""
+
+    def __init__(self, rewards: Sequence[Reward | tuple[Reward, BatchingConfig]], **config: Any) -> None:
+        self._rewards = [r if isinstance(r, tuple) else (r, BatchingConfig()) for r in rewards]
+        self._config = ServerConfig(port=0, **config)
+        self._started = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self.server: RewardServer | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.port}"
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            self.server = RewardServer(self._config, self._rewards)
+            await self.server.start()
+            self._started.set()
+            await self._stop.wait()
+            await self.server.stop(grace=1.0)
+
+        try:
+            asyncio.run(main())
+        except BaseException as error:  # surfaced by __enter__
+            self._error = error
+            self._started.set()
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self._started.wait(30)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+
+class ServerProcess:
+    """``python -m reward_server`` (or another module) as a separate process on a free loopback port."""
+
+    def __init__(self, *args: str, module: str = "reward_server", command: Sequence[str] | None = None) -> None:
+        self.command = [*(command or [sys.executable, "-m", module]), "--port", "0", *args]
+        self.proc: subprocess.Popen[str] | None = None
+        self.address = ""
+        self.metrics_url = ""
+        self.stderr = ""
+
+    def __enter__(self) -> ServerProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            self.command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("ddpo reward server listening on "):
+                self.address = line.split()[5]
+                break
+        else:
+            self.proc.wait(10)
+            raise RuntimeError(f"server did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+        if "--metrics-port" in self.command:
+            self.metrics_url = self.proc.stdout.readline().split()[2]
+        return self
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM, wait, and return the exit code (stderr is kept in ``self.stderr``)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, self.stderr = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, self.stderr = self.proc.communicate()
+            raise
+        return self.proc.returncode
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.terminate()

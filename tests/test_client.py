@@ -1,0 +1,146 @@
+"""The client library: input checks before anything is sent, the asyncio client, errors, and its light imports."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+from PIL import Image
+
+from clients import AsyncRewardClient, ItemsFailedError, RewardClient, RewardServiceError
+from clients._wire import encode_png, parse_target
+from reward_server.rewards import build_reward
+from tests.support import ROOT, ServerProcess
+
+IMAGE = np.zeros((8, 8, 3), np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        ({"images": [IMAGE.astype(np.float32)]}, ValueError, "images[0] has dtype float32; images must be uint8"),
+        ({"images": [IMAGE[..., 0]]}, ValueError, "images[0] has shape (8, 8); expected (H, W, C)"),
+        ({"images": [np.zeros((3, 8, 8), np.uint8)]}, ValueError, "is it CHW?"),
+        ({"images": [np.zeros((0, 8, 3), np.uint8)]}, ValueError, "every dimension must be > 0"),
+        ({"images": np.zeros((8, 8, 3), np.uint8)}, ValueError, "a batch array must be (N, H, W, C)"),
+        ({"images": ["not an image"]}, TypeError, "images[0] must be a numpy array or EncodedImage, got str"),
+        ({"images": [IMAGE, IMAGE], "prompts": ["only one"]}, ValueError, "prompts has 1 entries for 2 images"),
+        ({"images": [IMAGE], "prompts": "a cat"}, TypeError, "prompts must be a list"),
+        ({"images": [IMAGE], "prompts": [3]}, TypeError, "prompts[0] must be a str or None"),
+        ({"images": [IMAGE, IMAGE], "ids": ["a", "a"]}, ValueError, "ids[1] 'a' is a duplicate"),
+        ({"images": [IMAGE], "ids": [""]}, ValueError, "ids[0] must be a non-empty string"),
+        ({"images": [IMAGE], "metadata": [{"x": object()}]}, ValueError, "metadata[0] must be JSON-like"),
+        ({"images": [IMAGE], "encoding": "webp"}, ValueError, "encoding must be 'raw' or 'png'"),
+        ({"images": [IMAGE], "reward": ""}, ValueError, "reward must be a non-empty reward name"),
+    ],
+)
+def test_client_rejects_bad_input_before_sending(
+    kwargs: dict[str, object], error: type[Exception], fragment: str
+) -> None:
+    arguments = {"reward": "jpeg_compressibility", **kwargs}
+    # nothing listens on port 9: a check that fails must raise before anything is sent
+    with RewardClient("127.0.0.1:9") as client, pytest.raises(error) as caught:
+        client.score(**arguments)  # type: ignore[arg-type]
+    assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("server", "fragment"),
+    [
+        ("localhost", "must look like HOST:PORT"),
+        ("http://h:1", "scheme must be grpc:// or grpcs://"),
+        ("h:99999", "must look like HOST:PORT"),
+    ],
+)
+def test_bad_server_addresses(server: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match="server") as caught:
+        RewardClient(server)
+    assert fragment in str(caught.value)
+    assert parse_target("grpcs://example.org:443").tls
+    assert not parse_target("127.0.0.1:1").tls
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_png_encoder_is_lossless(channels: int) -> None:
+    image = np.random.default_rng(channels).integers(0, 256, (13, 29, channels), dtype=np.uint8)
+    decoded = np.asarray(Image.open(io.BytesIO(encode_png(image))))
+    np.testing.assert_array_equal(decoded.reshape(image.shape), image)
+
+
+def test_unreachable_server_gives_unavailable_after_bounded_retries() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again before use: nothing listens there
+    started = time.monotonic()
+    with RewardClient(f"127.0.0.1:{port}", timeout=20) as client:
+        with pytest.raises(RewardServiceError) as caught:
+            client.list_rewards()
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.method == "ListRewards"
+        assert time.monotonic() - started < 15  # gave up after its retries, well before the deadline
+        with pytest.raises(TimeoutError, match=r"not ready after 0\.5s"):
+            client.wait_ready(timeout=0.5)
+
+
+def test_failed_items_never_become_numbers(jpeg_server: ServerProcess) -> None:
+    with RewardClient(jpeg_server.address) as client:
+        batch = client.score("jpeg_compressibility", [IMAGE, np.zeros((8, 8, 4), np.uint8)], ids=["good", "rgba"])
+        with pytest.raises(RewardServiceError) as caught:
+            client.wait_ready(5, rewards=["nope"])
+    assert not batch.ok
+    assert [r.id for r in batch.failed] == ["rgba"]
+    assert np.isnan(batch.failed[0].score)
+    assert batch.failed[0].code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(ItemsFailedError, match=r"rgba: INVALID_ARGUMENT: items\[1\]\.image\.raw: has 4 channels"):
+        _ = batch.scores
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_asyncio_client_scores_streams_and_lists(
+    jpeg_server: ServerProcess, photo_batch: npt.NDArray[np.uint8]
+) -> None:
+    expected = build_reward("jpeg_incompressibility").score(list(photo_batch), [None] * 6, [{}] * 6).scores
+
+    async def main() -> tuple[object, ...]:
+        async with AsyncRewardClient(jpeg_server.address) as client:
+            await client.wait_ready(10, rewards=["jpeg_incompressibility"])
+            names = [r.name for r in await client.list_rewards()]
+            unary, png = await asyncio.gather(
+                client.score("jpeg_incompressibility", photo_batch),
+                client.score("jpeg_incompressibility", photo_batch, encoding="png"),
+            )
+            async with client.open_stream() as stream:
+                ids = [
+                    *await stream.send("jpeg_incompressibility", photo_batch[:2]),
+                    *await stream.send("jpeg_incompressibility", photo_batch[2:]),
+                ]
+                await stream.close()
+                streamed = {r.id: r.score async for r in stream.results()}
+            with pytest.raises(RewardServiceError) as caught:
+                await client.score("unknown", photo_batch)
+            return names, unary, png, ids, streamed, caught.value.code
+
+    names, unary, png, ids, streamed, code = asyncio.run(main())
+    assert names == ["jpeg_compressibility", "jpeg_incompressibility"]
+    np.testing.assert_array_equal(unary.scores, expected)  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(png.scores, expected)  # type: ignore[attr-defined]
+    np.testing.assert_array_equal([streamed[i] for i in ids], expected)  # type: ignore[index, attr-defined]
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_client_package_imports_no_server_or_heavy_modules() -> None:
+    code = (
+        "import sys, clients, clients.score_cli; "
+        "heavy = [m for m in ('torch', 'PIL', 'reward_server', 'prometheus_client', 'yaml') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    output = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert output.stdout.strip() == "[]"
