@@ -13,11 +13,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.errors import RewardServiceError
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
+from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
 from clients.types import EncodedImage, ItemResult, ScoreItem
 
 Encoding = Literal["raw", "png"]
@@ -196,6 +200,85 @@ def build_items(
     return items
 
 
+def checked_items(
+    reward: str,
+    images: Images,
+    prompts: Sequence[str | None] | None,
+    metadata: Sequence[Mapping[str, Any] | None] | None,
+    ids: Sequence[str] | None,
+    encoding: Encoding,
+    taken: set[str],
+    first_id: int = 0,
+) -> list[pb.Item]:
+    """Check a batch for ``reward`` and build its items; ids default to consecutive numbers from ``first_id``."""
+    if not reward:
+        raise ValueError("reward must be a non-empty reward name")
+    if ids is None:
+        ids = [str(first_id + i) for i in range(len(images))]
+    check_ids(ids, taken)
+    return build_items(images, prompts, metadata, ids, encoding)
+
+
+def health_status(service: str, status: int | None, error: grpc.RpcError | None) -> str | None:
+    """Interpret one readiness probe: None when ``service`` is SERVING, else the state to report while waiting.
+
+    A NOT_FOUND answer means the server has no such reward, which waiting cannot fix.
+    """
+    if error is not None:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            raise RewardServiceError(
+                error.code(), f"the server has no reward {service.removeprefix('reward/')!r}", "wait_ready"
+            )
+        return f"{error.code().name}: {error.details()}"
+    if status == health_pb2.HealthCheckResponse.SERVING:
+        return None
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status or 0))
+
+
+def health_services(rewards: Iterable[str] | None) -> list[str]:
+    """Health-check names to wait for: the whole server, then each named reward."""
+    return ["", *(f"reward/{name}" for name in rewards or ())]
+
+
+def not_ready(address: str, timeout: float, service: str, last: str) -> TimeoutError:
+    return TimeoutError(f"{address} not ready after {timeout:g}s ({service or 'server'}: {last})")
+
+
+class ChannelOwner:
+    """What both clients share: the parsed target, deadlines, the channel and its stubs.
+
+    ``_grpc`` is the module whose ``secure_channel``/``insecure_channel`` open the channel: grpc or grpc.aio.
+    """
+
+    _grpc: Any = grpc
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        timeout: float = 60.0,
+        stream_timeout: float = 3600.0,
+        tls: bool | None = None,
+        root_certificates: bytes | str | Path | None = None,
+        auth_token: str | None = None,
+    ) -> None:
+        """Connect to ``server`` (``host:port``, ``grpc://host:port`` or ``grpcs://host:port`` for TLS).
+
+        ``timeout`` is the default deadline of unary calls and ``stream_timeout`` that of streams, in seconds;
+        ``auth_token`` is sent as ``authorization: Bearer <token>``.
+        """
+        self.target = parse_target(server, tls=tls, root_certificates=root_certificates, auth_token=auth_token)
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        if self.target.tls:
+            credentials = grpc.ssl_channel_credentials(self.target.root_certificates)
+            self._channel = self._grpc.secure_channel(self.target.address, credentials, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = self._grpc.insecure_channel(self.target.address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.RewardServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+
 def check_ids(ids: Sequence[str], taken: set[str]) -> None:
     """Ids must be non-empty strings, unique among themselves and not in ``taken``."""
     seen = set()
@@ -241,16 +324,10 @@ class StreamLedger:
     ) -> tuple[pb.ScoreStreamRequest, list[str]]:
         if self.closed:
             raise RuntimeError("the stream is closed; open a new one to send more items")
-        if not reward:
-            raise ValueError("reward must be a non-empty reward name")
-        count = len(_image_list(images))
-        if ids is None:
-            ids = [str(self._next + i) for i in range(count)]
-        check_ids(ids, self.sent)
-        items = build_items(images, prompts, metadata, ids, encoding)
-        self._next += count
-        self.sent.update(ids)
-        return pb.ScoreStreamRequest(reward=reward, items=items), list(ids)
+        items = checked_items(reward, images, prompts, metadata, ids, encoding, taken=self.sent, first_id=self._next)
+        self._next += len(items)
+        self.sent.update(item.id for item in items)
+        return pb.ScoreStreamRequest(reward=reward, items=items), [item.id for item in items]
 
     def answer(self, result: pb.ScoreResult) -> ItemResult:
         if result.id not in self.sent or result.id in self.answered:

@@ -14,44 +14,33 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from clients._wire import CHANNEL_OPTIONS, Encoding, Images, StreamLedger, order_results, parse_target
-from clients.client import health_services, score_request
+from clients._wire import (
+    ChannelOwner,
+    Encoding,
+    Images,
+    StreamLedger,
+    checked_items,
+    health_services,
+    health_status,
+    not_ready,
+    order_results,
+)
 from clients.errors import RewardServiceError
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
 from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
 from clients.types import BatchResult, ItemResult, RewardInfo
 
 
-class AsyncRewardClient:
+class AsyncRewardClient(ChannelOwner):
     """Asyncio client of a reward server. Every call has a deadline (``timeout`` seconds, overridable per call)."""
 
-    def __init__(
-        self,
-        server: str,
-        *,
-        timeout: float = 60.0,
-        stream_timeout: float = 3600.0,
-        tls: bool | None = None,
-        root_certificates: bytes | str | Path | None = None,
-        auth_token: str | None = None,
-    ) -> None:
-        self.target = parse_target(server, tls=tls, root_certificates=root_certificates, auth_token=auth_token)
-        self.timeout = timeout
-        self.stream_timeout = stream_timeout
-        if self.target.tls:
-            credentials = grpc.ssl_channel_credentials(self.target.root_certificates)
-            self._channel = grpc.aio.secure_channel(self.target.address, credentials, options=CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.aio.insecure_channel(self.target.address, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.RewardServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    _grpc = grpc.aio
 
     async def __aenter__(self) -> AsyncRewardClient:
         return self
@@ -67,27 +56,20 @@ class AsyncRewardClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         for service in health_services(rewards):
-            last = "no answer yet"
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TimeoutError(
-                        f"{self.target.address} not ready after {timeout:g}s ({service or 'server'}: {last})"
-                    )
+            state: str | None = "no answer yet"
+            while (remaining := deadline - loop.time()) > 0:
                 try:
                     response = await self._health.Check(
                         health_pb2.HealthCheckRequest(service=service), timeout=min(remaining, 5.0), wait_for_ready=True
                     )
-                    if response.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                    last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+                    state = health_status(service, response.status, None)
                 except grpc.aio.AioRpcError as error:
-                    if error.code() == grpc.StatusCode.NOT_FOUND:
-                        raise RewardServiceError(
-                            error.code(), f"the server has no reward {service[7:]!r}", "wait_ready"
-                        ) from None
-                    last = f"{error.code().name}: {error.details()}"
+                    state = health_status(service, None, error)
+                if state is None:  # SERVING
+                    break
                 await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
+            else:
+                raise not_ready(self.target.address, timeout, service, str(state))
 
     async def list_rewards(self, timeout: float | None = None) -> list[RewardInfo]:
         response = await self._call("ListRewards", self._stub.ListRewards, pb.ListRewardsRequest(), timeout)
@@ -104,9 +86,9 @@ class AsyncRewardClient:
         timeout: float | None = None,
     ) -> BatchResult:
         """Score a batch in one call; results are in the order of ``images``. Per-item failures are in the result."""
-        request = score_request(reward, images, prompts, metadata, ids, encoding)
-        response = await self._call("Score", self._stub.Score, request, timeout)
-        return BatchResult(order_results(request.items, response.results))
+        items = checked_items(reward, images, prompts, metadata, ids, encoding, taken=set())
+        response = await self._call("Score", self._stub.Score, pb.ScoreRequest(reward=reward, items=items), timeout)
+        return BatchResult(order_results(items, response.results))
 
     def open_stream(self, timeout: float | None = None) -> AsyncScoreStream:
         return AsyncScoreStream(self._stub, self.target.metadata, self.stream_timeout if timeout is None else timeout)

@@ -19,24 +19,24 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from clients._wire import (
-    CHANNEL_OPTIONS,
+    ChannelOwner,
     Encoding,
     ImageInput,
     Images,
     StreamLedger,
-    build_items,
-    check_ids,
+    checked_items,
+    health_services,
+    health_status,
     items_from,
+    not_ready,
     order_results,
-    parse_target,
 )
 from clients.errors import RewardServiceError
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
@@ -46,34 +46,8 @@ from clients.types import BatchResult, ItemResult, RewardInfo, ScoreItem
 _CLOSE = object()
 
 
-def health_services(rewards: Iterable[str] | None) -> list[str]:
-    """Health-check names to wait for: the whole server, then each named reward."""
-    return ["", *(f"reward/{name}" for name in rewards or ())]
-
-
-class RewardClient:
+class RewardClient(ChannelOwner):
     """Blocking client of a reward server. Every call has a deadline (``timeout`` seconds, overridable per call)."""
-
-    def __init__(
-        self,
-        server: str,
-        *,
-        timeout: float = 60.0,
-        stream_timeout: float = 3600.0,
-        tls: bool | None = None,
-        root_certificates: bytes | str | Path | None = None,
-        auth_token: str | None = None,
-    ) -> None:
-        self.target = parse_target(server, tls=tls, root_certificates=root_certificates, auth_token=auth_token)
-        self.timeout = timeout
-        self.stream_timeout = stream_timeout
-        if self.target.tls:
-            credentials = grpc.ssl_channel_credentials(self.target.root_certificates)
-            self._channel = grpc.secure_channel(self.target.address, credentials, options=CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.insecure_channel(self.target.address, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.RewardServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def __enter__(self) -> RewardClient:
         return self
@@ -88,27 +62,20 @@ class RewardClient:
         """Block until the server (and each reward in ``rewards``) reports SERVING; TimeoutError after ``timeout``."""
         deadline = time.monotonic() + timeout
         for service in health_services(rewards):
-            last = "no answer yet"
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(
-                        f"{self.target.address} not ready after {timeout:g}s ({service or 'server'}: {last})"
-                    )
+            state: str | None = "no answer yet"
+            while (remaining := deadline - time.monotonic()) > 0:
                 try:
                     response = self._health.Check(
                         health_pb2.HealthCheckRequest(service=service), timeout=min(remaining, 5.0), wait_for_ready=True
                     )
-                    if response.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                    last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+                    state = health_status(service, response.status, None)
                 except grpc.RpcError as error:
-                    if error.code() == grpc.StatusCode.NOT_FOUND:
-                        raise RewardServiceError(
-                            error.code(), f"the server has no reward {service[7:]!r}", "wait_ready"
-                        ) from None
-                    last = f"{error.code().name}: {error.details()}"
+                    state = health_status(service, None, error)
+                if state is None:  # SERVING
+                    break
                 time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+            else:
+                raise not_ready(self.target.address, timeout, service, str(state))
 
     def list_rewards(self, timeout: float | None = None) -> list[RewardInfo]:
         response = self._call("ListRewards", self._stub.ListRewards, pb.ListRewardsRequest(), timeout)
@@ -125,9 +92,9 @@ class RewardClient:
         timeout: float | None = None,
     ) -> BatchResult:
         """Score a batch in one call; results are in the order of ``images``. Per-item failures are in the result."""
-        request = score_request(reward, images, prompts, metadata, ids, encoding)
-        response = self._call("Score", self._stub.Score, request, timeout)
-        return BatchResult(order_results(request.items, response.results))
+        items = checked_items(reward, images, prompts, metadata, ids, encoding, taken=set())
+        response = self._call("Score", self._stub.Score, pb.ScoreRequest(reward=reward, items=items), timeout)
+        return BatchResult(order_results(items, response.results))
 
     def open_stream(self, timeout: float | None = None) -> ScoreStream:
         """Open a ScoreStream: send batches as they are produced, read results as they come."""
@@ -163,23 +130,6 @@ class RewardClient:
             )
         except grpc.RpcError as error:
             raise RewardServiceError.from_rpc_error(error, method) from None
-
-
-def score_request(
-    reward: str,
-    images: Images,
-    prompts: Sequence[str | None] | None,
-    metadata: Sequence[Mapping[str, Any] | None] | None,
-    ids: Sequence[str] | None,
-    encoding: Encoding,
-) -> pb.ScoreRequest:
-    """The checked ScoreRequest of a batch; ids default to "0", "1", ..."""
-    if not reward:
-        raise ValueError("reward must be a non-empty reward name")
-    count = len(images)
-    ids = [str(i) for i in range(count)] if ids is None else ids
-    check_ids(ids, set())
-    return pb.ScoreRequest(reward=reward, items=build_items(images, prompts, metadata, ids, encoding))
 
 
 class ScoreStream:
