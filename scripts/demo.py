@@ -1,6 +1,6 @@
 """The main job until the trainer lands: a real reward server process, scored through the client and the CLI.
 
-    bash scripts/main.sh [--reward jpeg_compressibility] [--port 0]
+bash scripts/main.sh [--reward jpeg_compressibility] [--port 0]
 """
 
 from __future__ import annotations
@@ -41,8 +41,11 @@ def main() -> int:
 
     ddpo = str(Path(sys.executable).with_name("ddpo"))
     print(f"$ ddpo serve --port {args.port} --metrics-port 0 --log-format text", flush=True)
-    server = subprocess.Popen([ddpo, "serve", "--port", str(args.port), "--metrics-port", "0", "--log-format",
-                               "text"], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [ddpo, "serve", "--port", str(args.port), "--metrics-port", "0", "--log-format", "text"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert server.stdout is not None
     address = ""
     for line in server.stdout:
@@ -78,8 +81,12 @@ def main() -> int:
                 files.append(str(Path(folder) / f"{name.replace(' ', '_')}.png"))
                 Image.fromarray(image).save(files[-1])
             print(f"\n$ ddpo score --server {address} --reward {args.reward} --json <{len(files)} PNG files>")
-            cli = subprocess.run([ddpo, "score", "--server", address, "--reward", args.reward, "--json", *files],
-                                 capture_output=True, text=True, check=False)
+            cli = subprocess.run(
+                [ddpo, "score", "--server", address, "--reward", args.reward, "--json", *files],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             for line in cli.stdout.splitlines():
                 entry = json.loads(line)
                 print(f"  {Path(entry['file']).name:<14} {entry.get('score', entry.get('error'))}")
