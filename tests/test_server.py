@@ -212,6 +212,23 @@ def test_full_queue_answers_resource_exhausted_and_streams_wait_instead() -> Non
     assert all(r.ok for r in results)
 
 
+def test_scoring_runs_off_the_event_loop() -> None:
+    """While a batch takes 2 s to score, the same server answers other RPCs within a 0.5 s deadline."""
+    image = np.zeros((4, 4, 3), np.uint8)
+    with (
+        ServerThread([SlowReward(delay=2.0)]) as server,
+        RewardClient(server.address) as client,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        busy = pool.submit(client.score, "slow", [image])
+        time.sleep(0.3)
+        assert not busy.done()
+        assert [r.name for r in client.list_rewards(timeout=0.5)] == ["slow"]
+        assert health_status(server.address, "reward/slow") == SERVING
+        assert not busy.done()
+        assert busy.result().ok
+
+
 def test_too_many_concurrent_rpcs_are_refused_with_resource_exhausted() -> None:
     image = np.zeros((4, 4, 3), np.uint8)
     with (
