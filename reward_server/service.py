@@ -1,7 +1,8 @@
 """The ``ddpo.reward.v1.RewardService`` servicer: call-level checks, per-item validation, and hand-off to workers.
 
-Call-level errors (unknown reward in a unary call, missing or duplicate ids, server full) fail the RPC with a status;
-everything about one item (bad image, missing prompt, reward failure) fails that item alone.
+Call-level errors (unknown reward in a unary call, server full) fail the RPC with a status; everything about one
+item (missing or duplicate id, bad image, missing prompt, unknown reward in a stream, reward failure) fails that item
+alone.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import NoReturn
 
 import grpc
 
@@ -18,21 +20,12 @@ from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
 from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
 from reward_server.batching import ItemOutcome, QueueFull, RewardWorker
 from reward_server.metrics import ServerMetrics
-from reward_server.rewards import ItemError
+from reward_server.rewards import ItemError, RewardSpec
 from reward_server.wire import DecodedItem, ItemInvalid, decode_item, error_result, ok_result, spec_to_proto
 
 log = logging.getLogger(__name__)
 
 _RESULTS_PER_STREAM_MESSAGE = 256
-
-
-class CallError(Exception):
-    """Fails the whole RPC with ``code``."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class RewardServicer(pb_grpc.RewardServiceServicer):
@@ -69,22 +62,15 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         async with self._track("Score", context):
             started = time.perf_counter()
+            worker = self._workers.get(request.reward)
+            if worker is None:
+                await _abort(context, grpc.StatusCode.NOT_FOUND, self._unknown_reward(request.reward))
+            valid, rejected = _validate(request.items, "items", worker.reward.spec, seen=set())
+            results = {index: self._answer(worker.name, item_id, error, started) for index, item_id, error in rejected}
             try:
-                worker = self._worker(request.reward)
-                _check_ids(request.items, "items", seen=set())
-            except CallError as error:
-                await context.abort(error.code, error.message)
-            results: list[pb.ScoreResult | None] = [None] * len(request.items)
-            valid: list[tuple[int, DecodedItem]] = []
-            for index, item in enumerate(request.items):
-                try:
-                    valid.append((index, decode_item(item, f"items[{index}]", worker.reward.spec)))
-                except ItemInvalid as invalid:
-                    results[index] = self._answer(worker.name, item.id, invalid.error, started)
-            try:
-                futures = await worker.submit_nowait([item for _, item in valid])
+                futures = await worker.submit_nowait([decoded for _, decoded in valid])
             except QueueFull as full:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(full))
+                await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(full))
             try:
                 outcomes = await asyncio.gather(*futures)
             finally:
@@ -92,35 +78,29 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                     future.cancel()  # no-op once answered; drops queued work when the caller has gone
             for (index, decoded), outcome in zip(valid, outcomes, strict=True):
                 results[index] = self._answer(worker.name, decoded.id, outcome, started)
-            return pb.ScoreResponse(results=[result for result in results if result is not None])
+            return pb.ScoreResponse(results=[results[index] for index in range(len(request.items))])
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ScoreStreamResponse]:
         async with self._track("ScoreStream", context):
-            answers: asyncio.Queue[pb.ScoreResult | CallError | None] = asyncio.Queue()
+            answers: asyncio.Queue[pb.ScoreResult | None] = asyncio.Queue()  # None: every item is answered
             futures: list[asyncio.Future[ItemOutcome]] = []
             reader = asyncio.create_task(self._read_stream(request_iterator, answers, futures))
             try:
-                finished: CallError | None = None
                 ended = False
                 while not ended:
                     batch: list[pb.ScoreResult] = []
                     entry = await answers.get()
-                    while True:
-                        if entry is None:
-                            ended = True
-                        elif isinstance(entry, CallError):
-                            finished, ended = entry, True
-                        else:
-                            batch.append(entry)
-                        if ended or answers.empty() or len(batch) >= _RESULTS_PER_STREAM_MESSAGE:
+                    while entry is not None:
+                        batch.append(entry)
+                        if answers.empty() or len(batch) >= _RESULTS_PER_STREAM_MESSAGE:
                             break
                         entry = answers.get_nowait()
+                    ended = entry is None
                     if batch:
                         yield pb.ScoreStreamResponse(results=batch)
-                if finished is not None:
-                    await context.abort(finished.code, finished.message)
+                await reader  # re-raises what stopped the reader, if anything did
             finally:
                 reader.cancel()
                 for future in futures:
@@ -131,52 +111,43 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     async def _read_stream(
         self,
         request_iterator: AsyncIterator[pb.ScoreStreamRequest],
-        answers: asyncio.Queue[pb.ScoreResult | CallError | None],
+        answers: asyncio.Queue[pb.ScoreResult | None],
         futures: list[asyncio.Future[ItemOutcome]],
     ) -> None:
-        """Validate and queue every item of the stream; ends the answers with None, or a CallError."""
+        """Validate and queue every item of the stream, then wait for all answers and end them with None."""
         seen: set[str] = set()
         try:
             message_index = 0
             async for request in request_iterator:
                 field = f"messages[{message_index}].items"
                 message_index += 1
-                _check_ids(request.items, field, seen)
                 arrived = time.perf_counter()
                 worker = self._workers.get(request.reward)
                 if worker is None:
-                    error = ItemError(grpc.StatusCode.NOT_FOUND, self._unknown_reward(request.reward))
-                    for item in request.items:
+                    unknown = ItemError(grpc.StatusCode.NOT_FOUND, self._unknown_reward(request.reward))
+                    for index, item in enumerate(request.items):
+                        error = _id_error(item.id, f"{field}[{index}].id", seen) or unknown
                         answers.put_nowait(self._answer(request.reward, item.id, error, arrived))
                     continue
-                valid = []
-                for index, item in enumerate(request.items):
-                    try:
-                        valid.append(decode_item(item, f"{field}[{index}]", worker.reward.spec))
-                    except ItemInvalid as invalid:
-                        answers.put_nowait(self._answer(worker.name, item.id, invalid.error, arrived))
-                for decoded, future in zip(valid, await worker.submit(valid), strict=True):
+                valid, rejected = _validate(request.items, field, worker.reward.spec, seen)
+                for _, item_id, error in rejected:
+                    answers.put_nowait(self._answer(worker.name, item_id, error, arrived))
+                decoded_items = [decoded for _, decoded in valid]
+                for decoded, future in zip(decoded_items, await worker.submit(decoded_items), strict=True):
                     future.add_done_callback(self._stream_callback(answers, worker.name, decoded.id, arrived))
                     futures.append(future)
             await asyncio.gather(*futures)  # each future's callback has queued its answer before this returns
+        finally:
             answers.put_nowait(None)
-        except CallError as error:
-            answers.put_nowait(error)
 
     def _stream_callback(
-        self, answers: asyncio.Queue[pb.ScoreResult | CallError | None], reward: str, item_id: str, arrived: float
+        self, answers: asyncio.Queue[pb.ScoreResult | None], reward: str, item_id: str, arrived: float
     ) -> Callable[[asyncio.Future[ItemOutcome]], None]:
         def deliver(future: asyncio.Future[ItemOutcome]) -> None:
             if not future.cancelled():
                 answers.put_nowait(self._answer(reward, item_id, future.result(), arrived))
 
         return deliver
-
-    def _worker(self, reward: str) -> RewardWorker:
-        worker = self._workers.get(reward)
-        if worker is None:
-            raise CallError(grpc.StatusCode.NOT_FOUND, self._unknown_reward(reward))
-        return worker
 
     def _unknown_reward(self, reward: str) -> str:
         if not reward:
@@ -199,7 +170,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         """Count the RPC by its final status code, and track it for draining."""
         if self._draining:
             self._metrics.requests.labels(method, "UNAVAILABLE").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         code = "OK"
         self._active += 1
         self._idle.clear()
@@ -222,17 +193,42 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 self._idle.set()
 
 
-def _check_ids(items: Sequence[pb.Item] | Iterable[pb.Item], field: str, seen: set[str]) -> None:
-    """Ids are how results are matched to items: each must be set and unique (within the call or stream)."""
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """Fail the RPC with ``code``; ``context.abort`` raises, which its (untyped) signature does not say."""
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")
+
+
+def _id_error(item_id: str, field: str, seen: set[str]) -> ItemError | None:
+    """Ids match results to items: each must be set and unique within the call or stream. Records ``item_id``."""
+    if not item_id:
+        return ItemError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field} is empty; every item needs an id, unique within the call or stream",
+        )
+    if item_id in seen:
+        return ItemError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field} {item_id!r} is a duplicate; ids must be unique "
+            f"within the call or stream (the first item with this id "
+            f"is the one answered with a score)",
+        )
+    seen.add(item_id)
+    return None
+
+
+def _validate(
+    items: Sequence[pb.Item], field: str, spec: RewardSpec, seen: set[str]
+) -> tuple[list[tuple[int, DecodedItem]], list[tuple[int, str, ItemError]]]:
+    """Split ``items`` into decoded ones and rejected ones, each with its index in ``items``."""
+    valid, rejected = [], []
     for index, item in enumerate(items):
-        if not item.id:
-            raise CallError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{field}[{index}].id is empty; every item needs an id, unique within the call or stream",
-            )
-        if item.id in seen:
-            raise CallError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{field}[{index}].id {item.id!r} is a duplicate; ids must be unique within the call or stream",
-            )
-        seen.add(item.id)
+        error = _id_error(item.id, f"{field}[{index}].id", seen)
+        if error is None:
+            try:
+                valid.append((index, decode_item(item, f"{field}[{index}]", spec)))
+                continue
+            except ItemInvalid as invalid:
+                error = invalid.error
+        rejected.append((index, item.id, error))
+    return valid, rejected

@@ -121,15 +121,12 @@ def test_unknown_and_empty_reward_names_are_not_found(stub: pb_grpc.RewardServic
         assert fragment in caught.value.details()
 
 
-@pytest.mark.parametrize(
-    ("ids", "fragment"), [(["a", "b", "a"], "items[2].id 'a' is a duplicate"), (["a", ""], "items[1].id is empty")]
-)
-def test_missing_or_duplicate_ids_fail_the_call(stub: pb_grpc.RewardServiceStub, ids: list[str], fragment: str) -> None:
-    items = [pb.Item(id=i, image=raw(GOOD)) for i in ids]
-    with pytest.raises(grpc.RpcError) as caught:
-        stub.Score(pb.ScoreRequest(reward="jpeg_compressibility", items=items), timeout=10)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert fragment in caught.value.details()
+def test_missing_or_duplicate_ids_fail_alone(stub: pb_grpc.RewardServiceStub) -> None:
+    items = [pb.Item(id=i, image=raw(GOOD)) for i in ("a", "b", "a", "")]
+    results = stub.Score(pb.ScoreRequest(reward="jpeg_compressibility", items=items), timeout=10).results
+    assert [(r.id, r.status.code) for r in results] == [("a", OK), ("b", OK), ("a", INVALID), ("", INVALID)]
+    assert results[2].status.message.startswith("items[2].id 'a' is a duplicate; ids must be unique")
+    assert results[3].status.message.startswith("items[3].id is empty")
 
 
 def test_in_a_stream_bad_items_fail_alone(stub: pb_grpc.RewardServiceStub) -> None:
@@ -157,15 +154,19 @@ def test_in_a_stream_bad_items_fail_alone(stub: pb_grpc.RewardServiceStub) -> No
     assert "unknown reward 'no_such_reward'" in results["unknown-reward"].status.message
 
 
-def test_duplicate_id_in_a_stream_aborts_it_naming_the_id(stub: pb_grpc.RewardServiceStub) -> None:
+def test_duplicate_id_in_a_stream_fails_alone_naming_the_id(stub: pb_grpc.RewardServiceStub) -> None:
     messages = [
         pb.ScoreStreamRequest(reward="jpeg_compressibility", items=[pb.Item(id="x", image=raw(GOOD))]),
-        pb.ScoreStreamRequest(reward="jpeg_compressibility", items=[pb.Item(id="x", image=raw(GOOD))]),
+        pb.ScoreStreamRequest(reward="no_such_reward", items=[pb.Item(id="x", image=raw(GOOD))]),
+        pb.ScoreStreamRequest(
+            reward="jpeg_compressibility", items=[pb.Item(id="x", image=raw(GOOD)), pb.Item(id="y", image=raw(GOOD))]
+        ),
     ]
-    with pytest.raises(grpc.RpcError) as caught:
-        list(stub.ScoreStream(iter(messages), timeout=30))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "messages[1].items[0].id 'x' is a duplicate" in caught.value.details()
+    results = [r for response in stub.ScoreStream(iter(messages), timeout=30) for r in response.results]
+    assert sorted((r.id, r.status.code) for r in results) == [("x", OK), ("x", INVALID), ("x", INVALID), ("y", OK)]
+    duplicates = sorted(r.status.message for r in results if r.status.code == INVALID)
+    assert duplicates[0].startswith("messages[1].items[0].id 'x' is a duplicate")
+    assert duplicates[1].startswith("messages[2].items[0].id 'x' is a duplicate")
 
 
 def test_server_is_still_up_after_bad_input(stub: pb_grpc.RewardServiceStub, jpeg_server: ServerProcess) -> None:

@@ -67,8 +67,8 @@ class RewardServiceServicer:
 
     def Score(self, request, context):
         """Scores a batch of items with one reward. Results come back in the order of the request's items.
-        Call-level errors (unknown reward, duplicate ids, server full) fail the whole call; an invalid item
-        fails alone with its own status in its result.
+        Call-level errors (unknown reward, server full) fail the whole call; an invalid item (bad image, missing
+        prompt, missing or duplicate id) fails alone with its own status in its result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,7 +76,8 @@ class RewardServiceServicer:
 
     def ScoreStream(self, request_iterator, context):
         """Scores items as the client produces them. Each request message may carry one or more items; results come
-        back as soon as they are ready, in any order, matched by item id. Item ids must be unique within a stream.
+        back as soon as they are ready, in any order, matched by item id. Item ids must be unique within a stream:
+        a repeated id is answered with INVALID_ARGUMENT, and the first item with that id is the one scored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
