@@ -105,12 +105,18 @@ def encode_png(image: npt.NDArray[np.uint8]) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
-def to_proto_image(image: ImageInput, field: str, encoding: Encoding) -> pb.Image:
-    """Check one image and wrap it for the wire; ``field`` (e.g. "images[3]") names it in errors."""
+def fill_image(target: pb.Image, image: ImageInput, field: str, encoding: Encoding) -> bytes | None:
+    """Check one image and describe it in ``target``; ``field`` (e.g. "images[3]") names it in errors.
+
+    A raw image's pixels are returned instead of being copied into the message: ``WireBatch.serialize`` splices
+    them in. Encoded images go into the message and None is returned.
+    """
     if isinstance(image, EncodedImage):
         if image.format not in _FORMATS:
             raise ValueError(f"{field}.format must be 'png', 'jpeg' or None, got {image.format!r}")
-        return pb.Image(encoded=pb.EncodedImage(data=image.data, format=_FORMATS[image.format]))
+        target.encoded.data = image.data
+        target.encoded.format = _FORMATS[image.format]
+        return None
     if not isinstance(image, np.ndarray):
         raise TypeError(f"{field} must be a numpy array or EncodedImage, got {type(image).__name__}")
     if image.dtype != np.uint8:
@@ -130,19 +136,14 @@ def to_proto_image(image: ImageInput, field: str, encoding: Encoding) -> pb.Imag
             f"(is it CHW? use image.transpose(1, 2, 0))"
         )
     if encoding == "png":
-        return pb.Image(encoded=pb.EncodedImage(data=encode_png(image), format=pb.IMAGE_FORMAT_PNG))
+        target.encoded.data = encode_png(image)
+        target.encoded.format = pb.IMAGE_FORMAT_PNG
+        return None
     if encoding != "raw":
         raise ValueError(f"encoding must be 'raw' or 'png', got {encoding!r}")
-    height, width, channels = image.shape
-    return pb.Image(
-        raw=pb.RawImage(
-            data=np.ascontiguousarray(image).tobytes(),
-            height=height,
-            width=width,
-            channels=channels,
-            dtype=pb.DTYPE_UINT8,
-        )
-    )
+    target.raw.height, target.raw.width, target.raw.channels = image.shape
+    target.raw.dtype = pb.DTYPE_UINT8
+    return np.ascontiguousarray(image).tobytes()  # a snapshot: the caller may reuse its array after send()
 
 
 def _image_list(images: Images) -> list[ImageInput]:
@@ -156,17 +157,73 @@ def _image_list(images: Images) -> list[ImageInput]:
     return list(images)
 
 
-def _metadata_struct(value: Mapping[str, Any] | None, field: str) -> struct_pb2.Struct | None:
-    if value is None:
-        return None
+def _fill_metadata(target: struct_pb2.Struct, value: Mapping[str, Any], field: str) -> None:
     if not isinstance(value, Mapping):
         raise TypeError(f"{field} must be a dict, got {type(value).__name__}")
-    metadata = struct_pb2.Struct()
     try:
-        metadata.update(value)
+        target.update(value)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{field} must be JSON-like (str, number, bool, None, list, dict): {error}") from None
-    return metadata
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field_header(field_number: int, length: int) -> bytes:
+    """Tag and length of a length-delimited protobuf field."""
+    return _varint(field_number << 3 | 2) + _varint(length)
+
+
+_REWARD_FIELD = pb.ScoreRequest.DESCRIPTOR.fields_by_name["reward"].number
+_ITEMS_FIELD = pb.ScoreRequest.DESCRIPTOR.fields_by_name["items"].number
+_IMAGE_FIELD = pb.Item.DESCRIPTOR.fields_by_name["image"].number
+_RAW_FIELD = pb.Image.DESCRIPTOR.fields_by_name["raw"].number
+_DATA_FIELD = pb.RawImage.DESCRIPTOR.fields_by_name["data"].number
+# WireBatch.serialize encodes both request types: their fields must stay the same.
+assert [(f.name, f.number) for f in pb.ScoreStreamRequest.DESCRIPTOR.fields] == [
+    (f.name, f.number) for f in pb.ScoreRequest.DESCRIPTOR.fields
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class WireBatch:
+    """The checked items of one ScoreRequest or ScoreStreamRequest, with raw pixels kept beside the messages.
+
+    Building ``pb.ScoreRequest(items=...)`` around megabytes of pixels copies them several times (every nested
+    constructor copies its argument, and the encoder copies again); ``serialize`` copies them once.
+    """
+
+    reward: str
+    items: list[pb.Item]  # raw images carry their shape and dtype but not their bytes
+    pixels: list[bytes | None]  # each raw image's bytes, None for encoded images
+
+    def serialize(self) -> bytes:
+        """The request's wire bytes; they parse as either request type."""
+        reward = self.reward.encode()
+        parts = [_field_header(_REWARD_FIELD, len(reward)), reward]
+        for item, pixels in zip(self.items, self.pixels, strict=True):
+            body = item.SerializeToString()
+            if pixels is None:
+                parts += [_field_header(_ITEMS_FIELD, len(body)), body]
+                continue
+            # The pixels follow as a second occurrence of `image`. Protobuf parsers merge repeated occurrences of a
+            # message field, so they land in the raw image that the first occurrence describes.
+            data = _field_header(_DATA_FIELD, len(pixels))
+            raw = _field_header(_RAW_FIELD, len(data) + len(pixels))
+            image = _field_header(_IMAGE_FIELD, len(raw) + len(data) + len(pixels))
+            size = len(body) + len(image) + len(raw) + len(data) + len(pixels)
+            parts += [_field_header(_ITEMS_FIELD, size), body, image, raw, data, pixels]
+        return b"".join(parts)
+
+    def message(self) -> pb.ScoreRequest:
+        """The same request as a protobuf message (for tests and debugging; slow for big images)."""
+        return pb.ScoreRequest.FromString(self.serialize())
 
 
 def build_items(
@@ -175,8 +232,8 @@ def build_items(
     metadata: Sequence[Mapping[str, Any] | None] | None,
     ids: Sequence[str],
     encoding: Encoding,
-) -> list[pb.Item]:
-    """Check a batch and turn it into protobuf items."""
+) -> tuple[list[pb.Item], list[bytes | None]]:
+    """Check a batch and turn it into protobuf items, with the raw pixels of each item beside it."""
     image_list = _image_list(images)
     n = len(image_list)
     if isinstance(prompts, str):
@@ -184,20 +241,17 @@ def build_items(
     for name, values in (("prompts", prompts), ("metadata", metadata), ("ids", ids)):
         if values is not None and len(values) != n:
             raise ValueError(f"{name} has {len(values)} entries for {n} images; give one per image")
-    items = []
+    items, pixels = [], []
     for i, image in enumerate(image_list):
         prompt = prompts[i] if prompts is not None else None
         if prompt is not None and not isinstance(prompt, str):
             raise TypeError(f"prompts[{i}] must be a str or None, got {type(prompt).__name__}")
-        items.append(
-            pb.Item(
-                id=ids[i],
-                image=to_proto_image(image, f"images[{i}]", encoding),
-                prompt=prompt,
-                metadata=_metadata_struct(metadata[i] if metadata is not None else None, f"metadata[{i}]"),
-            )
-        )
-    return items
+        item = pb.Item(id=ids[i], prompt=prompt)  # filled in place: nested constructors would copy
+        pixels.append(fill_image(item.image, image, f"images[{i}]", encoding))
+        if metadata is not None and metadata[i] is not None:
+            _fill_metadata(item.metadata, metadata[i], f"metadata[{i}]")  # type: ignore[arg-type]
+        items.append(item)
+    return items, pixels
 
 
 def checked_items(
@@ -209,14 +263,14 @@ def checked_items(
     encoding: Encoding,
     taken: set[str],
     first_id: int = 0,
-) -> list[pb.Item]:
+) -> WireBatch:
     """Check a batch for ``reward`` and build its items; ids default to consecutive numbers from ``first_id``."""
     if not reward:
         raise ValueError("reward must be a non-empty reward name")
     if ids is None:
         ids = [str(first_id + i) for i in range(len(images))]
     check_ids(ids, taken)
-    return build_items(images, prompts, metadata, ids, encoding)
+    return WireBatch(reward, *build_items(images, prompts, metadata, ids, encoding))
 
 
 def health_status(service: str, status: int | None, error: grpc.RpcError | None) -> str | None:
@@ -277,6 +331,17 @@ class ChannelOwner:
             self._channel = self._grpc.insecure_channel(self.target.address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.RewardServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        # Scoring calls serialize WireBatch themselves (see WireBatch.serialize) instead of the generated stub's way.
+        self._score = self._channel.unary_unary(
+            f"/{SERVICE}/Score",
+            request_serializer=WireBatch.serialize,
+            response_deserializer=pb.ScoreResponse.FromString,
+        )
+        self._score_stream = self._channel.stream_stream(
+            f"/{SERVICE}/ScoreStream",
+            request_serializer=WireBatch.serialize,
+            response_deserializer=pb.ScoreStreamResponse.FromString,
+        )
 
 
 def check_ids(ids: Sequence[str], taken: set[str]) -> None:
@@ -321,13 +386,13 @@ class StreamLedger:
         metadata: Sequence[Mapping[str, Any] | None] | None,
         ids: Sequence[str] | None,
         encoding: Encoding,
-    ) -> tuple[pb.ScoreStreamRequest, list[str]]:
+    ) -> tuple[WireBatch, list[str]]:
         if self.closed:
             raise RuntimeError("the stream is closed; open a new one to send more items")
-        items = checked_items(reward, images, prompts, metadata, ids, encoding, taken=self.sent, first_id=self._next)
-        self._next += len(items)
-        self.sent.update(item.id for item in items)
-        return pb.ScoreStreamRequest(reward=reward, items=items), [item.id for item in items]
+        batch = checked_items(reward, images, prompts, metadata, ids, encoding, taken=self.sent, first_id=self._next)
+        self._next += len(batch.items)
+        self.sent.update(item.id for item in batch.items)
+        return batch, [item.id for item in batch.items]
 
     def answer(self, result: pb.ScoreResult) -> ItemResult:
         if result.id not in self.sent or result.id in self.answered:

@@ -33,7 +33,6 @@ from clients._wire import (
 )
 from clients.errors import RewardServiceError
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
-from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
 from clients.types import BatchResult, ItemResult, RewardInfo
 
 
@@ -86,12 +85,14 @@ class AsyncRewardClient(ChannelOwner):
         timeout: float | None = None,
     ) -> BatchResult:
         """Score a batch in one call; results are in the order of ``images``. Per-item failures are in the result."""
-        items = checked_items(reward, images, prompts, metadata, ids, encoding, taken=set())
-        response = await self._call("Score", self._stub.Score, pb.ScoreRequest(reward=reward, items=items), timeout)
-        return BatchResult(order_results(items, response.results))
+        batch = checked_items(reward, images, prompts, metadata, ids, encoding, taken=set())
+        response = await self._call("Score", self._score, batch, timeout)
+        return BatchResult(order_results(batch.items, response.results))
 
     def open_stream(self, timeout: float | None = None) -> AsyncScoreStream:
-        return AsyncScoreStream(self._stub, self.target.metadata, self.stream_timeout if timeout is None else timeout)
+        return AsyncScoreStream(
+            self._score_stream, self.target.metadata, self.stream_timeout if timeout is None else timeout
+        )
 
     async def _call(self, method: str, stub_method: Any, request: Any, timeout: float | None) -> Any:
         try:
@@ -105,9 +106,11 @@ class AsyncRewardClient(ChannelOwner):
 class AsyncScoreStream:
     """One bidirectional ScoreStream. ``send`` does not wait for results; ``results`` yields them as they come."""
 
-    def __init__(self, stub: pb_grpc.RewardServiceStub, metadata: tuple[tuple[str, str], ...], timeout: float) -> None:
+    def __init__(
+        self, method: grpc.aio.StreamStreamMultiCallable, metadata: tuple[tuple[str, str], ...], timeout: float
+    ) -> None:
         self._ledger = StreamLedger()
-        self._call = stub.ScoreStream(timeout=timeout, metadata=metadata)
+        self._call = method(timeout=timeout, metadata=metadata)
 
     async def __aenter__(self) -> AsyncScoreStream:
         return self

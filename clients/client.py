@@ -40,7 +40,6 @@ from clients._wire import (
 )
 from clients.errors import RewardServiceError
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
-from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
 from clients.types import BatchResult, ItemResult, RewardInfo, ScoreItem
 
 _CLOSE = object()
@@ -92,13 +91,15 @@ class RewardClient(ChannelOwner):
         timeout: float | None = None,
     ) -> BatchResult:
         """Score a batch in one call; results are in the order of ``images``. Per-item failures are in the result."""
-        items = checked_items(reward, images, prompts, metadata, ids, encoding, taken=set())
-        response = self._call("Score", self._stub.Score, pb.ScoreRequest(reward=reward, items=items), timeout)
-        return BatchResult(order_results(items, response.results))
+        batch = checked_items(reward, images, prompts, metadata, ids, encoding, taken=set())
+        response = self._call("Score", self._score, batch, timeout)
+        return BatchResult(order_results(batch.items, response.results))
 
     def open_stream(self, timeout: float | None = None) -> ScoreStream:
         """Open a ScoreStream: send batches as they are produced, read results as they come."""
-        return ScoreStream(self._stub, self.target.metadata, self.stream_timeout if timeout is None else timeout)
+        return ScoreStream(
+            self._score_stream, self.target.metadata, self.stream_timeout if timeout is None else timeout
+        )
 
     def score_stream(
         self,
@@ -135,12 +136,14 @@ class RewardClient(ChannelOwner):
 class ScoreStream:
     """One bidirectional ScoreStream. ``send`` never waits for results; ``results`` yields them as they come."""
 
-    def __init__(self, stub: pb_grpc.RewardServiceStub, metadata: tuple[tuple[str, str], ...], timeout: float) -> None:
+    def __init__(
+        self, method: grpc.StreamStreamMultiCallable, metadata: tuple[tuple[str, str], ...], timeout: float
+    ) -> None:
         self._ledger = StreamLedger()
         self._lock = threading.Lock()
         self._requests: queue.Queue[Any] = queue.Queue()
         self._answers: queue.Queue[Any] = queue.Queue()
-        self._call = stub.ScoreStream(iter(self._requests.get, _CLOSE), timeout=timeout, metadata=metadata)
+        self._call = method(iter(self._requests.get, _CLOSE), timeout=timeout, metadata=metadata)
         self._reader = threading.Thread(target=self._read, name="score-stream-reader", daemon=True)
         self._reader.start()
 

@@ -28,22 +28,25 @@ log = logging.getLogger(__name__)
 class BatchingConfig:
     """How one reward's items are queued and grouped."""
 
-    max_batch_size: int = 32
-    """Largest batch handed to ``Reward.score``."""
+    max_batch_size: int | None = None
+    """Largest batch handed to ``Reward.score``; None: the reward's preference (``Reward.preferred_max_batch_size``)."""
     max_queue_delay_ms: float = 2.0
     """How long the first item of a batch may wait for more items."""
     max_queued_items: int = 4096
-    """Items waiting for a batch; beyond this, unary calls get RESOURCE_EXHAUSTED and streams wait."""
-    instances: int = 1
-    """Batches scored concurrently (threads), like Triton's instance_group count."""
+    """Items waiting for a batch; beyond this, unary calls get RESOURCE_EXHAUSTED and streams wait. Batches are never
+    larger than this."""
+    instances: int | None = None
+    """Batches scored concurrently (threads), like Triton's instance_group count; None: the reward's preference
+    (``Reward.preferred_instances``)."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queued_items", "instances"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.max_queue_delay_ms < 0:
             raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
-        if self.max_queued_items < self.max_batch_size:
+        if self.max_batch_size is not None and self.max_queued_items < self.max_batch_size:
             raise ValueError(
                 f"max_queued_items ({self.max_queued_items}) must be >= max_batch_size ({self.max_batch_size})"
             )
@@ -77,10 +80,12 @@ class RewardWorker:
         self.name = reward.spec.name
         self.config = config
         self._metrics = metrics
+        self.instances = config.instances or reward.preferred_instances
+        self.max_batch_size = min(config.max_batch_size or reward.preferred_max_batch_size, config.max_queued_items)
         self._queue: collections.deque[_Pending] = collections.deque()
         self._changed = asyncio.Condition()
-        self._slots = asyncio.Semaphore(config.instances)
-        self._executor = concurrent.futures.ThreadPoolExecutor(config.instances, thread_name_prefix=self.name)
+        self._slots = asyncio.Semaphore(self.instances)
+        self._executor = concurrent.futures.ThreadPoolExecutor(self.instances, thread_name_prefix=self.name)
         self._scoring: set[asyncio.Task[None]] = set()
         self._batcher: asyncio.Task[None] | None = None
 
@@ -136,12 +141,12 @@ class RewardWorker:
         async with self._changed:
             await self._changed.wait_for(lambda: bool(self._queue))
             deadline = loop.time() + self.config.max_queue_delay_ms / 1000
-            while len(self._queue) < self.config.max_batch_size and (remaining := deadline - loop.time()) > 0:
+            while len(self._queue) < self.max_batch_size and (remaining := deadline - loop.time()) > 0:
                 try:
                     await asyncio.wait_for(self._changed.wait(), remaining)
                 except TimeoutError:
                     break
-            size = min(len(self._queue), self.config.max_batch_size)
+            size = min(len(self._queue), self.max_batch_size)
             batch = [self._queue.popleft() for _ in range(size)]
             self._metrics.queued_items.labels(self.name).set(len(self._queue))
             self._changed.notify_all()  # wakes streams waiting for room

@@ -109,8 +109,17 @@ class RewardServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         for reward, batching in self._rewards:
             await asyncio.to_thread(reward.load)
-            log.info("reward loaded", extra={"reward": reward.spec.name, "batching": dataclasses.asdict(batching)})
-            self.workers[reward.spec.name] = RewardWorker(reward, batching, self.metrics)
+            worker = RewardWorker(reward, batching, self.metrics)
+            self.workers[reward.spec.name] = worker
+            log.info(
+                "reward loaded",
+                extra={
+                    "reward": reward.spec.name,
+                    "instances": worker.instances,
+                    "max_batch_size": worker.max_batch_size,
+                    "batching": dataclasses.asdict(batching),
+                },
+            )
         config = self.config
         max_bytes = config.max_message_mb * MiB
         interceptors = []

@@ -64,12 +64,13 @@ def _decode_raw(raw: pb.RawImage, field: str, spec: RewardSpec) -> npt.NDArray[n
     if problem:
         raise ItemInvalid(f"{field}: {problem}")
     expected = raw.height * raw.width * raw.channels
-    if len(raw.data) != expected:
+    data = raw.data  # each attribute read copies the bytes out of the message: read once
+    if len(data) != expected:
         raise ItemInvalid(
-            f"{field}.data has {len(raw.data)} bytes; a {raw.height}x{raw.width}x{raw.channels} "
+            f"{field}.data has {len(data)} bytes; a {raw.height}x{raw.width}x{raw.channels} "
             f"uint8 image (HWC) needs exactly {expected}"
         )
-    return np.frombuffer(raw.data, dtype=np.uint8).reshape(raw.height, raw.width, raw.channels)
+    return np.frombuffer(data, dtype=np.uint8).reshape(raw.height, raw.width, raw.channels)
 
 
 def _decode_encoded(encoded: pb.EncodedImage, field: str, spec: RewardSpec) -> npt.NDArray[np.uint8]:

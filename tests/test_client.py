@@ -15,8 +15,9 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from clients import AsyncRewardClient, ItemsFailedError, RewardClient, RewardServiceError
-from clients._wire import encode_png, parse_target
+from clients import AsyncRewardClient, EncodedImage, ItemsFailedError, RewardClient, RewardServiceError
+from clients._wire import checked_items, encode_png, parse_target
+from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
 from reward_server.rewards import build_reward
 from tests.support import ROOT, ServerProcess
 
@@ -73,6 +74,40 @@ def test_png_encoder_is_lossless(channels: int) -> None:
     image = np.random.default_rng(channels).integers(0, 256, (13, 29, channels), dtype=np.uint8)
     decoded = np.asarray(Image.open(io.BytesIO(encode_png(image))))
     np.testing.assert_array_equal(decoded.reshape(image.shape), image)
+
+
+def test_spliced_wire_bytes_parse_as_the_plain_protobuf_request() -> None:
+    """WireBatch.serialize splices raw pixels in by hand; both request types must parse it to the same items."""
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(1, 1, 3), (300, 200, 3), (5, 7, 4)]]
+    png = EncodedImage(encode_png(images[0]), "png")
+    batch = checked_items(
+        "jpeg_compressibility",
+        [images[0], png, images[1], images[2]],
+        prompts=[None, "a cat", "", "a dog"],
+        metadata=[None, {"k": [1, "two"]}, None, {"nested": {"x": True}}],
+        ids=["a", "b", "c", "d"],
+        encoding="raw",
+        taken=set(),
+    )
+    expected = pb.ScoreRequest(reward="jpeg_compressibility")
+    for item_id, image, prompt in zip(
+        "abcd", [images[0], None, images[1], images[2]], [None, "a cat", "", "a dog"], strict=True
+    ):
+        item = expected.items.add(id=item_id, prompt=prompt)
+        if image is None:
+            item.image.encoded.data, item.image.encoded.format = png.data, pb.IMAGE_FORMAT_PNG
+        else:
+            height, width, channels = image.shape
+            item.image.raw.CopyFrom(
+                pb.RawImage(data=image.tobytes(), height=height, width=width, channels=channels, dtype=pb.DTYPE_UINT8)
+            )
+    expected.items[1].metadata.update({"k": [1, "two"]})
+    expected.items[3].metadata.update({"nested": {"x": True}})
+    wire = batch.serialize()
+    assert pb.ScoreRequest.FromString(wire) == expected
+    assert pb.ScoreStreamRequest.FromString(wire) == pb.ScoreStreamRequest.FromString(expected.SerializeToString())
+    assert len(wire) < len(expected.SerializeToString()) + 64  # a few bytes of extra headers, no second copy
 
 
 def test_unreachable_server_gives_unavailable_after_bounded_retries() -> None:

@@ -81,7 +81,10 @@ def test_config_files_in_toml_and_yaml_agree(tmp_path: Path, suffix: str, text: 
         ("[reward.x]\n", "unknown key(s) reward; known keys: rewards, server"),
         ("[rewards.fancy]\n", "[rewards.fancy]: unknown reward type 'fancy'"),
         ("[rewards.jpeg_compressibility]\nmax_batch_size = 0\n", "max_batch_size must be >= 1, got 0"),
-        ("[rewards.jpeg_compressibility]\nmax_queued_items = 4\n", "max_queued_items (4) must be >= max_batch_size"),
+        (
+            "[rewards.jpeg_compressibility]\nmax_batch_size = 8\nmax_queued_items = 4\n",
+            "max_queued_items (4) must be >= max_batch_size (8)",
+        ),
         ("[rewards.jpeg_compressibility]\nmax_image_size = 512\n", "max_image_size must be [height, width]"),
         (
             "[rewards.jpeg_compressibility]\noptions = { quality = 80 }\n",

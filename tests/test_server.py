@@ -3,6 +3,7 @@ reward failures, TLS and auth."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import urllib.request
@@ -227,6 +228,20 @@ def test_scoring_runs_off_the_event_loop() -> None:
         assert health_status(server.address, "reward/slow") == SERVING
         assert not busy.done()
         assert busy.result().ok
+
+
+def test_batching_defaults_come_from_the_reward_and_config_overrides_them() -> None:
+    jpeg, slow = build_reward("jpeg_compressibility"), SlowReward()
+    tuned = build_reward("jpeg_incompressibility")
+    with ServerThread([jpeg, slow, (tuned, BatchingConfig(max_batch_size=3, instances=1))]) as server:
+        assert server.server is not None
+        workers = server.server.workers
+    assert (workers["jpeg_compressibility"].instances, workers["jpeg_compressibility"].max_batch_size) == (
+        os.cpu_count() or 1,
+        8,
+    )
+    assert (workers["slow"].instances, workers["slow"].max_batch_size) == (1, 32)
+    assert (workers["jpeg_incompressibility"].instances, workers["jpeg_incompressibility"].max_batch_size) == (1, 3)
 
 
 def test_too_many_concurrent_rpcs_are_refused_with_resource_exhausted() -> None:

@@ -118,10 +118,14 @@ class Reward(abc.ABC):
     """Base class of every reward. Subclasses set ``spec`` and implement ``score``.
 
     ``load`` does the slow part (model weights); servers call it once, off the event loop, before serving.
-    ``score`` may be called from a worker thread, one batch at a time per instance.
+    ``score`` may be called from several worker threads at once, one batch per instance. Unless configured
+    otherwise, a server runs ``preferred_instances`` of them (more than 1 only pays when ``score`` releases the GIL)
+    and hands at most ``preferred_max_batch_size`` items to one call.
     """
 
     spec: RewardSpec
+    preferred_instances: int = 1
+    preferred_max_batch_size: int = 32
 
     def load(self) -> None:  # noqa: B027 - optional hook: rewards without weights have nothing to load
         """Load weights or other expensive state. The default does nothing."""
