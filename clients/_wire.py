@@ -147,13 +147,10 @@ def fill_image(target: pb.Image, image: ImageInput, field: str, encoding: Encodi
 
 
 def _image_list(images: Images) -> list[ImageInput]:
-    if isinstance(images, np.ndarray):
-        if images.ndim != 4:
-            raise ValueError(
-                f"images has shape {images.shape}; a batch array must be (N, H, W, C), "
-                f"or pass a list of (H, W, C) arrays"
-            )
-        return list(images)
+    if isinstance(images, np.ndarray) and images.ndim != 4:
+        raise ValueError(
+            f"images has shape {images.shape}; a batch array must be (N, H, W, C), or pass a list of (H, W, C) arrays"
+        )
     return list(images)
 
 
@@ -220,10 +217,6 @@ class WireBatch:
             size = len(body) + len(image) + len(raw) + len(data) + len(pixels)
             parts += [_field_header(_ITEMS_FIELD, size), body, image, raw, data, pixels]
         return b"".join(parts)
-
-    def message(self) -> pb.ScoreRequest:
-        """The same request as a protobuf message (for tests and debugging; slow for big images)."""
-        return pb.ScoreRequest.FromString(self.serialize())
 
 
 def build_items(
