@@ -108,7 +108,12 @@ class RewardClient(ChannelOwner):
         encoding: Encoding = "raw",
         timeout: float | None = None,
     ) -> Iterator[ItemResult]:
-        """Send ``items`` one by one as the iterable yields them; yield results as they arrive (any order)."""
+        """Send ``items`` one by one as the iterable yields them; yield results as they arrive (any order).
+
+        If producing or checking an item fails, the results of the items sent before it are yielded, then that
+        error is raised.
+        """
+        failures: list[BaseException] = []
         with self.open_stream(timeout) as stream:
 
             def send_all() -> None:
@@ -116,6 +121,8 @@ class RewardClient(ChannelOwner):
                     for item in items_from(items):
                         ids = [item.id] if item.id is not None else None
                         stream.send(reward, [item.image], [item.prompt], [item.metadata], ids, encoding)
+                except BaseException as error:  # re-raised in the caller's thread below
+                    failures.append(error)
                 finally:
                     stream.close()
 
@@ -123,6 +130,8 @@ class RewardClient(ChannelOwner):
             sender.start()
             yield from stream.results()
             sender.join()
+        if failures:
+            raise failures[0]
 
     def _call(self, method: str, stub_method: Any, request: Any, timeout: float | None) -> Any:
         try:

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from clients import RewardClient, RewardServiceError
+from clients import ItemResult, RewardClient, RewardServiceError
 from reward_server.batching import BatchingConfig
 from reward_server.rewards import build_reward
 from tests.support import BrokenReward, PromptLength, ServerProcess, ServerThread, SlowReward, mean_pixel
@@ -128,6 +128,19 @@ def test_score_stream_generator_scores_items_as_they_are_produced(jpeg_server: S
         sorted(results, key=lambda r: int(r.id)) and [r.score for r in sorted(results, key=lambda r: int(r.id))],
         expected,
     )
+
+
+def test_score_stream_generator_raises_what_stopped_the_producer(jpeg_server: ServerProcess) -> None:
+    def produce() -> object:
+        yield np.zeros((8, 8, 3), np.uint8)
+        yield np.zeros((8, 8, 3), np.uint8)
+        yield np.zeros((8, 8, 3), np.float32)  # refused by the client's checks
+
+    results: list[ItemResult] = []
+    with RewardClient(jpeg_server.address) as client, pytest.raises(ValueError, match=r"dtype float32"):
+        results.extend(client.score_stream("jpeg_compressibility", produce()))  # keeps what came before the error
+    assert sorted(r.id for r in results) == ["0", "1"]
+    assert all(r.ok for r in results)
 
 
 def test_sixteen_concurrent_clients(jpeg_server: ServerProcess, photo_batch: npt.NDArray[np.uint8]) -> None:
