@@ -28,7 +28,7 @@ Encoding = Literal["raw", "png"]
 ImageInput = npt.NDArray[np.uint8] | EncodedImage
 Images = npt.NDArray[np.uint8] | Sequence[ImageInput]
 
-SERVICE = "ddpo.reward.v1.RewardService"
+SERVICE: str = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
 MAX_MESSAGE_BYTES = 256 << 20
 # Retries are for UNAVAILABLE only (server not reachable yet, or restarting); other codes are answers.
 _RETRY_POLICY = {

@@ -37,11 +37,11 @@ class DecodedItem:
 
 
 class ItemInvalid(Exception):
-    """An item that fails validation; it carries the per-item error."""
+    """An item that fails validation; it carries the per-item INVALID_ARGUMENT error."""
 
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.error = ItemError(code, message)
+        self.error = ItemError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 def sniff_format(data: bytes) -> int:
