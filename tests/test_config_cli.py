@@ -153,6 +153,7 @@ def test_ddpo_serve_and_ddpo_score_json(tmp_path: Path, photos: dict[str, np.nda
     Image.fromarray(photos["coffee"]).save(jpeg, quality=90)
     corrupt.write_bytes(png.read_bytes()[:200])
     text.write_text("hello")
+    missing = tmp_path / "missing.png"
     expected = {}
     for path in (png, jpeg):
         buffer = io.BytesIO()
@@ -161,38 +162,20 @@ def test_ddpo_serve_and_ddpo_score_json(tmp_path: Path, photos: dict[str, np.nda
     ddpo = Path(sys.executable).with_name("ddpo")  # the installed console script, as a user runs it
     assert ddpo.exists(), "install the project (pip install -e '.[dev]') to get the ddpo command"
     with ServerProcess(command=[str(ddpo), "serve"]) as server:
-        ok = run(
-            *DDPO,
-            "score",
-            "--server",
-            server.address,
-            "--reward",
-            "jpeg_compressibility",
-            "--json",
-            str(png),
-            str(jpeg),
-        )
-        mixed = run(
-            *DDPO,
-            "score",
-            "--server",
-            server.address,
-            "--reward",
-            "jpeg_compressibility",
-            "--json",
-            str(png),
-            str(corrupt),
-            str(text),
-            str(tmp_path / "missing.png"),
-        )
-        unknown = run(*DDPO, "score", "--server", server.address, "--reward", "nope", str(png))
-        plain = run(*DDPO, "score", "--server", server.address, "--reward", "jpeg_compressibility", str(jpeg))
+
+        def score(*args: str) -> subprocess.CompletedProcess[str]:
+            return run(*DDPO, "score", "--server", server.address, *args)
+
+        ok = score("--reward", "jpeg_compressibility", "--json", str(png), str(jpeg))
+        mixed = score("--reward", "jpeg_compressibility", "--json", str(png), str(corrupt), str(text), str(missing))
+        unknown = score("--reward", "nope", str(png))
+        plain = score("--reward", "jpeg_compressibility", str(jpeg))
     assert ok.returncode == 0, ok.stderr
     lines = [json.loads(line) for line in ok.stdout.splitlines()]
     assert lines == [{"file": f, "reward": "jpeg_compressibility", "score": s} for f, s in expected.items()]
     assert mixed.returncode == 1
     entries = [json.loads(line) for line in mixed.stdout.splitlines()]
-    assert [e["file"] for e in entries] == [str(png), str(corrupt), str(text), str(tmp_path / "missing.png")]
+    assert [e["file"] for e in entries] == [str(png), str(corrupt), str(text), str(missing)]
     assert entries[0]["score"] == expected[str(png)]
     assert "cannot decode PNG" in entries[1]["error"]
     assert entries[1]["error"].startswith("INVALID_ARGUMENT")
