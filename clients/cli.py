@@ -10,6 +10,7 @@ from collections.abc import Sequence
 COMMANDS = {
     "serve": ("reward_server.cli", "server", "run the gRPC reward server"),
     "score": ("clients.score_cli", "client", "score image files with a reward server"),
+    "train": ("trainer.cli", "trainer", "fine-tune a diffusion model with DDPO against a reward server"),
 }
 
 

@@ -1,0 +1,1 @@
+"""The DDPO trainer: samples from a Stable-Diffusion-style model, gets rewards from the reward service, updates."""

@@ -1,0 +1,142 @@
+"""Resumable checkpoints and the final export, without pickle: safetensors for tensors, JSON for the rest.
+
+A checkpoint folder ``<run_dir>/checkpoints/epoch_000012/`` holds:
+
+- ``model.safetensors``: the trainable parameters (the LoRA adapter, or the whole UNet for full fine-tuning);
+- ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors and its hyperparameters;
+- ``rng.safetensors``: the torch global, sampling and training generator states;
+- ``state.json``: epoch, global step, the stat tracker's buffers, the prompt sampler's numpy state and the config.
+
+It is written to a temporary folder and renamed into place, so ``latest`` never picks up a half-written one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "epoch_"
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    epoch: int  # epochs completed
+    global_step: int  # optimizer steps taken
+    stat_tracker: dict[str, Any]
+    prompt_rng: dict[str, Any]  # numpy bit generator state
+    config: dict[str, Any]
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generators: dict[str, torch.Generator],
+    state: TrainingState,
+    keep: int,
+) -> Path:
+    """Write the checkpoint for ``state.epoch`` and prune all but the newest ``keep`` (0 keeps all)."""
+    root = run_dir / CHECKPOINTS
+    final = root / f"{PREFIX}{state.epoch:06d}"
+    partial = root / f".partial-{final.name}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_file(trainable_state_dict(model), partial / "model.safetensors")
+    optimizer_tensors, optimizer_meta = _optimizer_to_files(optimizer)
+    save_file(optimizer_tensors, partial / "optimizer.safetensors")
+    (partial / "optimizer.json").write_text(json.dumps(optimizer_meta))
+    rng = {"torch": torch.get_rng_state()} | {name: gen.get_state() for name, gen in generators.items()}
+    save_file(rng, partial / "rng.safetensors")
+    (partial / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    if keep:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def resolve_checkpoint(resume: str, run_dir: Path) -> Path:
+    """``latest`` (the newest in ``run_dir``) or a checkpoint folder; ValueError naming what is missing."""
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise ValueError(f"--resume latest: no checkpoint in {run_dir / CHECKPOINTS}")
+        return found[-1]
+    path = Path(resume)
+    missing = [name for name in ("model.safetensors", "state.json") if not (path / name).is_file()]
+    if missing:
+        raise ValueError(f"--resume {resume}: not a checkpoint folder (missing {', '.join(missing)})")
+    return path
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator]
+) -> TrainingState:
+    """Restore the model, optimizer and RNG states in place; return the rest."""
+    weights = load_file(path / "model.safetensors")
+    expected = set(trainable_state_dict(model))
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(
+            f"checkpoint {path} does not match this model's trainable parameters (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}): was it saved with another model or LoRA setting?"
+        )
+    model.load_state_dict(weights, strict=False)
+    meta = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(_optimizer_from_files(load_file(path / "optimizer.safetensors"), meta))
+    rng = load_file(path / "rng.safetensors")
+    torch.set_rng_state(rng.pop("torch"))
+    for name, generator in generators.items():
+        generator.set_state(rng[name])
+    return TrainingState(**json.loads((path / "state.json").read_text()))
+
+
+def numpy_rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    return dict(rng.bit_generator.state)
+
+
+def set_numpy_rng_state(rng: np.random.Generator, state: dict[str, Any]) -> None:
+    rng.bit_generator.state = state

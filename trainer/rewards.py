@@ -1,0 +1,100 @@
+"""Rewards from the reward service, streamed while sampling continues.
+
+Each epoch opens one ScoreStream. ``submit`` hands a decoded batch to it and returns at once (the client serialises
+and sends on gRPC's threads), so the next batch is sampled while the service scores this one. ``collect`` closes the
+stream and waits for the remaining answers. A failed item never becomes a number: it fails the epoch with the
+service's message, or (``on_error="drop"``) is left out and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from clients import ItemResult, RewardClient, RewardServiceError
+
+
+class RewardError(RuntimeError):
+    """The reward service could not score the epoch: the message names the reward, the item and the cause."""
+
+
+def connect(server: str, reward: str, token: str | None, ca_file: str | None, timeout: float) -> RewardClient:
+    """A client for ``server`` once ``reward`` is SERVING there; RewardError if it is missing or cannot be maximised."""
+    client = RewardClient(server, root_certificates=ca_file, auth_token=token, stream_timeout=timeout)
+    try:
+        client.wait_ready(timeout=timeout)
+        offered = {info.name: info for info in client.list_rewards()}
+        if reward not in offered:
+            raise RewardError(f"reward {reward!r} is not offered by {server}; it offers: {', '.join(sorted(offered))}")
+        if not offered[reward].higher_is_better:
+            raise RewardError(
+                f"reward {reward!r} is lower-is-better; DDPO maximises its reward, so serve a negated version of it"
+            )
+        client.wait_ready(timeout=timeout, rewards=[reward])
+    except (RewardServiceError, TimeoutError) as error:
+        client.close()
+        raise RewardError(f"reward service at {server}: {error}") from None
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochScores:
+    scores: npt.NDArray[np.float64]  # (N,) NaN where the item failed and was dropped
+    kept: npt.NDArray[np.bool_]  # (N,) False for dropped items
+    failures: list[ItemResult]
+    wait_s: float  # time ``collect`` blocked: sampling time did not hide it
+
+
+class EpochRewards:
+    """One epoch's reward stream: ``submit`` batches as they are decoded, then ``collect`` every answer."""
+
+    def __init__(self, client: RewardClient, reward: str, timeout: float, on_error: str) -> None:
+        if on_error not in ("fail", "drop"):
+            raise ValueError(f"on_error must be 'fail' or 'drop', got {on_error!r}")
+        self.reward = reward
+        self.on_error = on_error
+        self._prompts: list[str] = []
+        self._stream = client.open_stream(timeout=timeout)
+
+    def submit(self, images: npt.NDArray[np.uint8], prompts: Sequence[str]) -> None:
+        """Send a (B, H, W, 3) uint8 batch now; ids are the items' positions in the epoch."""
+        start = len(self._prompts)
+        ids = [str(start + i) for i in range(len(prompts))]
+        self._prompts.extend(prompts)
+        self._stream.send(self.reward, images, prompts=list(prompts), ids=ids)
+
+    def collect(self) -> EpochScores:
+        """Close the stream and wait for every answer; RewardError per the on_error policy."""
+        started = time.perf_counter()
+        self._stream.close()
+        scores = np.full(len(self._prompts), np.nan)
+        failures: list[ItemResult] = []
+        try:
+            for result in self._stream.results():
+                if result.ok:
+                    scores[int(result.id)] = result.score
+                else:
+                    failures.append(result)
+        except RewardServiceError as error:
+            raise RewardError(f"reward {self.reward!r}: the stream failed: {error}") from None
+        wait_s = time.perf_counter() - started
+        failures.sort(key=lambda result: int(result.id))
+        if failures and self.on_error == "fail":
+            first = failures[0]
+            raise RewardError(
+                f"reward {self.reward!r} failed for {len(failures)} of {len(scores)} items; item {first.id} "
+                f"(prompt {self._prompts[int(first.id)]!r}): {first.code.name}: {first.message}. "
+                "Pass --on-reward-error=drop to train on the items that were scored."
+            )
+        kept = ~np.isnan(scores)
+        return EpochScores(scores=scores, kept=kept, failures=failures, wait_s=wait_s)
+
+    def cancel(self) -> None:
+        self._stream.cancel()

@@ -1,0 +1,156 @@
+"""Loading a Stable-Diffusion-style pipeline and sampling trajectories with per-step log-probabilities.
+
+The denoising loop is written out here rather than calling ``pipeline(...)``: DDPO needs every latent and the
+log-probability of every step, and the same guided UNet call (``guided_noise_pred``) must serve sampling and the
+log-probability recomputed during training, or the importance ratio is not 1 before the first update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from trainer.ddim import DDIMStepOutput, check_trainable_schedule, ddim_step_with_logprob
+
+logger = logging.getLogger(__name__)
+
+TINY_MODEL = "tiny"
+
+
+def load_pipeline(model: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline from a hub id or a local folder ("tiny": the built-in model), with a DDIM scheduler.
+
+    The scheduler is rebuilt as DDIMScheduler from the model's own scheduler config (SD ships PNDM), as DDPO samples
+    with DDIM. The safety checker is not loaded: rewards judge the images, and it would replace some with black ones.
+    """
+    if model == TINY_MODEL:
+        from trainer.tiny import build_tiny_pipeline
+
+        pipeline = build_tiny_pipeline()
+        if dtype != torch.float32:
+            pipeline.to(dtype=dtype)
+    else:
+        if not Path(model).exists() and model.count("/") != 1:
+            raise ValueError(f"model {model!r} is neither an existing folder nor a hub id like 'org/name'")
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            model, revision=revision, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
+    if not isinstance(pipeline.unet, UNet2DConditionModel):
+        raise ValueError(f"model {model!r} has no UNet2DConditionModel; DDPO needs a Stable-Diffusion-style UNet")
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def encode_prompts(pipeline: StableDiffusionPipeline, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """CLIP text embeddings of ``prompts``: (B, L, D)."""
+    embeds, _ = pipeline.encode_prompt(prompts, device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return embeds
+
+
+def guided_noise_pred(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,  # (B, C, h, w)
+    timesteps: torch.Tensor,  # (B,)
+    prompt_embeds: torch.Tensor,  # (B, L, D)
+    negative_embeds: torch.Tensor,  # (1, L, D): the empty prompt
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Classifier-free guidance: ε̂ = ε(x, ∅) + w (ε(x, c) − ε(x, ∅)), both halves in one UNet call of 2B."""
+    if guidance_scale == 1.0:
+        return unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample
+    batch = latents.shape[0]
+    noise_pred = unet(
+        torch.cat([latents, latents]),
+        torch.cat([timesteps, timesteps]),
+        encoder_hidden_states=torch.cat([negative_embeds.expand(batch, -1, -1), prompt_embeds]),
+    ).sample
+    uncond, cond = noise_pred.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def policy_step(
+    unet: torch.nn.Module,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,  # (B, C, h, w) x_t
+    timesteps: torch.Tensor,  # (B,)
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    guidance_scale: float,
+    eta: float,
+    prev_latents: torch.Tensor | None = None,  # (B, C, h, w) x_{t-1}, to recompute its log-probability
+    generator: torch.Generator | None = None,
+) -> DDIMStepOutput:
+    """One step of the policy π(x_{t−1} | x_t, c): the guided UNet call, then the DDIM step with its log-prob."""
+    noise_pred = guided_noise_pred(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
+    return ddim_step_with_logprob(
+        scheduler, noise_pred, timesteps.cpu(), latents, eta=eta, prev_sample=prev_latents, generator=generator
+    )
+
+
+@dataclasses.dataclass
+class SampleBatch:
+    """One sampling batch: everything the update needs, on the CPU."""
+
+    prompts: list[str]
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    latents: torch.Tensor  # (B, T+1, C, h, w): x_T ... x_0
+    log_probs: torch.Tensor  # (B, T): log π(x_{t−1} | x_t) at sampling time
+    timesteps: torch.Tensor  # (B, T): the scheduler's timesteps, one row per sample
+    images: npt.NDArray[np.uint8]  # (B, H, W, 3)
+
+
+@torch.no_grad()
+def sample_batch(
+    pipeline: StableDiffusionPipeline,
+    unet: torch.nn.Module,
+    prompts: list[str],
+    negative_embeds: torch.Tensor,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> SampleBatch:
+    """Run the DDIM chain for ``prompts`` from fresh noise, recording every latent and log-probability."""
+    scheduler = pipeline.scheduler
+    scheduler.set_timesteps(num_steps, device="cpu")
+    check_trainable_schedule(scheduler, eta)
+    prompt_embeds = encode_prompts(pipeline, prompts, device)
+    batch = len(prompts)
+    shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    latents = torch.randn(shape, generator=generator, dtype=prompt_embeds.dtype).to(device)
+    latents = latents * scheduler.init_noise_sigma
+    all_latents, log_probs = [latents], []
+    for t in scheduler.timesteps:
+        timesteps = t.expand(batch).to(device)
+        step = policy_step(
+            unet, scheduler, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, eta, generator=generator
+        )
+        latents = step.prev_sample
+        all_latents.append(latents)
+        log_probs.append(step.log_prob)
+    return SampleBatch(
+        prompts=list(prompts),
+        prompt_embeds=prompt_embeds.cpu(),
+        latents=torch.stack(all_latents, dim=1).cpu(),
+        log_probs=torch.stack(log_probs, dim=1).cpu(),
+        timesteps=scheduler.timesteps.expand(batch, -1).clone(),
+        images=decode_images(pipeline, latents),
+    )
+
+
+@torch.no_grad()
+def decode_images(pipeline: StableDiffusionPipeline, latents: torch.Tensor) -> npt.NDArray[np.uint8]:
+    """VAE-decode x_0 latents (B, C, h, w) to (B, H, W, 3) uint8, as StableDiffusionPipeline does for output_type="np"."""
+    vae = pipeline.vae
+    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    pixels = (pixels / 2 + 0.5).clamp(0, 1)
+    return (pixels.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)

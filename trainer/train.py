@@ -1,0 +1,471 @@
+"""The DDPO training loop: sample, get rewards from the service, compute advantages, update. Repeat.
+
+Each epoch has three phases, marked by banners below. The maths lives in importable, tested functions:
+``trainer.ddim`` (the log-probability step), ``trainer.sampling`` (the guided policy), ``trainer.advantages`` and
+``trainer.losses`` (every algorithm's loss). This file wires them together on accelerate, so that
+``accelerate launch -m trainer ...`` runs it on several processes or GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers import StableDiffusionPipeline
+from tqdm.auto import tqdm
+
+from trainer import advantages as adv
+from trainer import losses
+from trainer.checkpoint import (
+    TrainingState,
+    load_checkpoint,
+    numpy_rng_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    set_numpy_rng_state,
+)
+from trainer.config import Config, to_dict
+from trainer.export import export_final
+from trainer.prompts import PromptSampler, load_prompts
+from trainer.rewards import EpochRewards, RewardError, connect
+from trainer.sampling import SampleBatch, encode_prompts, load_pipeline, policy_step, sample_batch
+from trainer.tracking import RunLogger
+
+logger = logging.getLogger(__name__)
+
+
+class RatioCheckError(RuntimeError):
+    """Log-probabilities recomputed with unchanged weights disagree with those recorded while sampling."""
+
+
+@dataclasses.dataclass
+class Epoch:
+    """One epoch's samples, concatenated over sampling batches and restricted to the items that got a reward."""
+
+    prompts: list[str]
+    prompt_embeds: torch.Tensor  # (N, L, D)
+    latents: torch.Tensor  # (N, T+1, C, h, w)
+    log_probs: torch.Tensor  # (N, T)
+    timesteps: torch.Tensor  # (N, T)
+    rewards: np.ndarray  # (N,)
+    weights: torch.Tensor  # (N,) advantages (DDPO) or regression weights (RWR)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+class Trainer:
+    def __init__(self, config: Config, resume: str | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision if torch.cuda.is_available() else "no",
+            project_dir=str(self.run_dir),
+        )
+        self.device = self.accelerator.device
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        process_seed = config.seed + self.accelerator.process_index
+        torch.manual_seed(process_seed)
+        self.generators = {
+            "sampling": torch.Generator().manual_seed(process_seed),
+            "training": torch.Generator().manual_seed(process_seed + 10_000),
+        }
+        self.prompts = PromptSampler(load_prompts(config.prompts.set, config.prompts.file), seed=process_seed)
+
+        self.pipeline = self._load_policy()
+        self.unet = self.pipeline.unet
+        trainable = [p for p in self.unet.parameters() if p.requires_grad]
+        t = config.train
+        self.optimizer = torch.optim.AdamW(
+            trainable,
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.adam_weight_decay,
+            eps=t.adam_epsilon,
+        )
+        self.unet, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
+        self.reference_unet = self._reference_unet()
+        self.negative_embeds = encode_prompts(self.pipeline, [""], self.device)  # (1, L, D)
+
+        self.stat_tracker = adv.PerPromptStatTracker(config.stat_tracking.buffer_size, config.stat_tracking.min_count)
+        self.start_epoch, self.global_step = 0, 0
+        if resume:
+            self._resume(resolve_checkpoint(resume, self.run_dir))
+
+    # ------------------------------------------------------------------ set-up
+
+    def _load_policy(self) -> StableDiffusionPipeline:
+        """The pipeline with frozen VAE and text encoder, and a UNet whose LoRA adapter (or whole self) trains."""
+        config = self.config
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
+        pipeline = load_pipeline(config.model, config.revision, dtype=half)
+        pipeline.vae.requires_grad_(False).to(self.device)
+        pipeline.text_encoder.requires_grad_(False).to(self.device)
+        unet = pipeline.unet.to(self.device)
+        if config.lora.enabled:
+            from peft import LoraConfig
+
+            unet.requires_grad_(False)  # frozen base weights stay in the autocast dtype; the adapter is float32
+            unet.add_adapter(
+                LoraConfig(
+                    r=config.lora.rank,
+                    lora_alpha=config.lora.alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=config.lora.target_modules,
+                )
+            )
+            for param in unet.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
+        else:
+            unet.requires_grad_(True)
+            if half is not torch.float32:
+                unet.to(dtype=torch.float32)  # full fine-tuning keeps float32 master weights under autocast
+        return pipeline
+
+    def _reference_unet(self) -> torch.nn.Module | None:
+        """DDPO-IS-KL's frozen pretrained model. With LoRA it is the same UNet with the adapter disabled: no copy."""
+        if self.config.train.algorithm != "ddpo_is_kl" or self.config.lora.enabled:
+            return None
+        reference = copy.deepcopy(self.accelerator.unwrap_model(self.unet)).requires_grad_(False)
+        return reference.eval()
+
+    @contextlib.contextmanager
+    def _reference(self) -> Iterator[torch.nn.Module]:
+        if self.reference_unet is not None:
+            yield self.reference_unet
+            return
+        unet = self.accelerator.unwrap_model(self.unet)
+        unet.disable_adapters()
+        try:
+            yield self.unet
+        finally:
+            unet.enable_adapters()
+
+    def _resume(self, path: Path) -> None:
+        state = load_checkpoint(path, self.accelerator.unwrap_model(self.unet), self.optimizer, self.generators)
+        self.stat_tracker.load_state_dict(state.stat_tracker)
+        set_numpy_rng_state(self.prompts.rng, state.prompt_rng)
+        self.start_epoch, self.global_step = state.epoch, state.global_step
+        logger.info("resumed from %s: epoch %d, step %d", path, state.epoch, state.global_step)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> Path:
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        samples = config.samples_per_epoch(self.accelerator.num_processes)
+        logger.info(
+            "%s on %s, reward %r from %s: %d samples/epoch, %d optimizer steps/epoch, %d of %d steps trained, "
+            "epochs %d..%d",
+            config.train.algorithm,
+            config.model,
+            config.reward.name,
+            config.reward.server,
+            samples,
+            config.optimizer_steps_per_epoch(),
+            config.train_timesteps(),
+            config.sample.num_steps,
+            self.start_epoch + 1,
+            config.num_epochs,
+        )
+        client = connect(
+            config.reward.server, config.reward.name, config.reward.token, config.reward.ca_file, config.reward.timeout
+        )
+        run_logger = RunLogger(self.run_dir, to_dict(config), config.log.tensorboard, config.log.wandb, config.log.wandb_project)
+        try:
+            for epoch in range(self.start_epoch, config.num_epochs):
+                metrics = self.run_epoch(epoch, client, run_logger)
+                run_logger.log_epoch(metrics)
+                done = epoch + 1
+                if done % config.save_every == 0 or done == config.num_epochs:
+                    self.save(done)
+        finally:
+            run_logger.close()
+            client.close()
+        return export_final(self.pipeline, self.accelerator.unwrap_model(self.unet), config, self.run_dir)
+
+    def run_epoch(self, epoch: int, client: Any, run_logger: RunLogger) -> dict[str, Any]:
+        config = self.config
+        #################### SAMPLING (rewards stream to the service meanwhile) ####################
+        started = time.perf_counter()
+        self.unet.eval()
+        rewards = EpochRewards(client, config.reward.name, config.reward.timeout, config.reward.on_error)
+        batches: list[SampleBatch] = []
+        try:
+            for _ in tqdm(
+                range(config.sample.num_batches_per_epoch),
+                desc=f"epoch {epoch + 1}/{config.num_epochs}: sampling",
+                disable=not self.accelerator.is_local_main_process,
+                leave=False,
+            ):
+                prompts = self.prompts.sample(config.sample.batch_size, config.sample.images_per_prompt)
+                with self.accelerator.autocast():
+                    batch = sample_batch(
+                        self.pipeline,
+                        self.unet,
+                        prompts,
+                        self.negative_embeds,
+                        config.sample.num_steps,
+                        config.sample.guidance_scale,
+                        config.sample.eta,
+                        self.generators["sampling"],
+                        self.device,
+                    )
+                rewards.submit(batch.images, batch.prompts)  # returns at once: scoring overlaps the next batch
+                batches.append(batch)
+        except BaseException:
+            rewards.cancel()
+            raise
+        sample_s = time.perf_counter() - started
+
+        #################### REWARDS ####################
+        scores = rewards.collect()
+        if not scores.kept.any():
+            raise RewardError(f"reward {config.reward.name!r} failed for every item of epoch {epoch + 1}")
+        data = self._epoch_data(batches, scores.scores, scores.kept)
+        if config.log.images_every and (epoch + 1) % config.log.images_every == 0:
+            count = min(config.log.grid_size, len(data))
+            images = np.concatenate([b.images for b in batches])[scores.kept][:count]
+            run_logger.log_images(epoch + 1, images, data.prompts[:count], data.rewards[:count].tolist())
+
+        #################### TRAINING ####################
+        started = time.perf_counter()
+        self.unet.train()
+        train_metrics = self.train_on(data)
+        train_s = time.perf_counter() - started
+        return {
+            "epoch": epoch + 1,
+            "global_step": self.global_step,
+            "reward_mean": float(data.rewards.mean()),
+            "reward_std": float(data.rewards.std()),
+            "samples": len(data),
+            "dropped": len(scores.failures),
+            **train_metrics,
+            "sample_s": sample_s,
+            "reward_wait_s": scores.wait_s,
+            "train_s": train_s,
+            **self.stat_tracker.stats(),
+        }
+
+    def _epoch_data(self, batches: list[SampleBatch], rewards: np.ndarray, kept: np.ndarray) -> Epoch:
+        """Concatenate the batches, drop failed items, and turn rewards into advantages or RWR weights."""
+        mask = torch.from_numpy(kept)
+        prompts = [p for b in batches for p in b.prompts]
+        prompts = [p for p, keep in zip(prompts, kept, strict=True) if keep]
+        rewards = rewards[kept]
+        t = self.config.train
+        if t.algorithm == "rwr":
+            weights = adv.rwr_weights(prompts, rewards, t.rwr_beta)
+        elif t.algorithm == "sparse_rwr":
+            weights = adv.sparse_rwr_weights(rewards, t.sparse_threshold, t.sparse_percentile)
+        else:
+            if self.config.stat_tracking.per_prompt:
+                advantages = self.stat_tracker.normalize(prompts, rewards)
+            else:
+                advantages = adv.batch_normalize(rewards)
+            weights = adv.clip_advantages(advantages, t.adv_clip_max)
+        return Epoch(
+            prompts=prompts,
+            prompt_embeds=torch.cat([b.prompt_embeds for b in batches])[mask],
+            latents=torch.cat([b.latents for b in batches])[mask],
+            log_probs=torch.cat([b.log_probs for b in batches])[mask],
+            timesteps=torch.cat([b.timesteps for b in batches])[mask],
+            rewards=rewards,
+            weights=torch.as_tensor(weights, dtype=torch.float32),
+        )
+
+    # ------------------------------------------------------------------ the update
+
+    def train_on(self, data: Epoch) -> dict[str, float]:
+        """``num_inner_epochs`` passes over the epoch in shuffled minibatches; returns averaged diagnostics."""
+        config = self.config
+        generator = self.generators["training"]
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        ratio_check = float("nan")
+        for inner in range(config.train.num_inner_epochs):
+            order = torch.randperm(len(data), generator=generator)
+            # each sample visits its own random subset of the T steps, in a random order (timestep_fraction)
+            step_order = torch.stack([torch.randperm(config.sample.num_steps, generator=generator) for _ in order])
+            step_order = step_order[:, : config.train_timesteps()]  # (N, T_train)
+            minibatches = list(order.split(config.train.batch_size))
+            if inner == 0 and config.train.algorithm not in ("rwr", "sparse_rwr"):
+                ratio_check = self.check_ratio(data, minibatches[0], step_order)
+            groups = [
+                minibatches[i : i + config.train.gradient_accumulation_steps]
+                for i in range(0, len(minibatches), config.train.gradient_accumulation_steps)
+            ]
+            for group in tqdm(
+                groups,
+                desc=f"training (inner epoch {inner + 1}/{config.train.num_inner_epochs})",
+                disable=not self.accelerator.is_local_main_process,
+                leave=False,
+            ):
+                for key, value in self.optimizer_step(data, group, step_order).items():
+                    sums[key] = sums.get(key, 0.0) + value
+                    counts[key] = counts.get(key, 0) + 1
+        metrics = {key: sums[key] / counts[key] for key in sums}
+        metrics["ratio_check"] = ratio_check
+        return metrics
+
+    def optimizer_step(self, data: Epoch, group: list[torch.Tensor], step_order: torch.Tensor) -> dict[str, float]:
+        """Accumulate gradients over the group's minibatches and trained steps, then take one optimizer step.
+
+        Accumulation is explicit rather than accelerate's ``accumulate``, so that a short last group (after
+        ``--on-reward-error=drop``) still averages correctly; ``no_sync`` skips gradient all-reduce until the last
+        backward pass of the step.
+        """
+        micro_steps = [(indices, j) for indices in group for j in range(step_order.shape[1])]
+        totals: dict[str, float] = {}
+        for n, (indices, j) in enumerate(micro_steps):
+            last = n == len(micro_steps) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet)
+            with sync, self.accelerator.autocast():
+                terms = self.loss(data, indices, step_order[indices, j])
+                self.accelerator.backward(terms["loss"] / len(micro_steps))
+            for key, value in terms.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micro_steps)
+        if self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(self.unet.parameters(), self.config.train.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.global_step += 1
+        return totals
+
+    def loss(self, data: Epoch, indices: torch.Tensor, step_index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The configured algorithm's loss for samples ``indices`` at their step ``step_index`` (one per sample)."""
+        t = self.config.train
+        weights = data.weights[indices].to(self.device)
+        prompt_embeds = data.prompt_embeds[indices].to(self.device)
+        if t.algorithm in ("rwr", "sparse_rwr"):
+            return {"loss": self.rwr_loss(data.latents[indices, -1].to(self.device), prompt_embeds, weights)}
+        step = self.policy(
+            self.unet,
+            data.latents[indices, step_index].to(self.device),
+            data.timesteps[indices, step_index],
+            prompt_embeds,
+            prev_latents=data.latents[indices, step_index + 1].to(self.device),
+        )
+        old_log_prob = data.log_probs[indices, step_index].to(self.device)
+        if t.algorithm == "ddpo_sf":
+            terms = losses.ddpo_sf_loss(step.log_prob, old_log_prob, weights)
+        else:
+            terms = losses.ddpo_is_loss(step.log_prob, old_log_prob, weights, t.clip_range)
+        out = {"loss": terms.loss, "approx_kl": terms.approx_kl, "clipfrac": terms.clipfrac}
+        if t.algorithm == "ddpo_is_kl":
+            with torch.no_grad(), self._reference() as reference:
+                ref = self.policy(
+                    reference,
+                    data.latents[indices, step_index].to(self.device),
+                    data.timesteps[indices, step_index],
+                    prompt_embeds,
+                    prev_latents=data.latents[indices, step_index + 1].to(self.device),
+                )
+            if t.kl_estimator == "exact":
+                kl = losses.exact_kl_penalty(step.mean, ref.mean, step.std)
+            else:
+                kl = losses.logprob_sq_kl_penalty(step.log_prob, ref.log_prob)
+            out["kl"] = kl.detach()
+            out["policy_loss"] = terms.loss.detach()
+            out["loss"] = terms.loss + t.kl_coef * kl
+        return out
+
+    def policy(
+        self,
+        unet: torch.nn.Module,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        prev_latents: torch.Tensor,
+    ) -> Any:
+        """π(x_{t−1} | x_t, c) with the sampling settings (and guidance unless train.cfg is off)."""
+        c = self.config
+        return policy_step(
+            unet,
+            self.pipeline.scheduler,
+            latents,
+            timesteps.to(self.device),
+            prompt_embeds,
+            self.negative_embeds,
+            c.sample.guidance_scale if c.train.cfg else 1.0,
+            c.sample.eta,
+            prev_latents=prev_latents,
+        )
+
+    def rwr_loss(self, x0: torch.Tensor, prompt_embeds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The weighted denoising loss at a fresh random training timestep and noise for each sample."""
+        scheduler = self.pipeline.scheduler
+        generator = self.generators["training"]
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(self.device)
+        noisy = scheduler.add_noise(x0, noise, timesteps.to(self.device))
+        prediction = self.unet(noisy, timesteps.to(self.device), encoder_hidden_states=prompt_embeds).sample
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(x0, noise, timesteps.to(self.device))
+        else:
+            target = noise
+        return losses.rwr_loss(prediction, target, weights)
+
+    @torch.no_grad()
+    def check_ratio(self, data: Epoch, indices: torch.Tensor, step_order: torch.Tensor) -> float:
+        """max |π_θ/π_old − 1| on one minibatch before any update of the epoch: it must be ~0, or the update is wrong."""
+        worst = 0.0
+        with self.accelerator.autocast():
+            for j in range(step_order.shape[1]):
+                step_index = step_order[indices, j]
+                step = self.policy(
+                    self.unet,
+                    data.latents[indices, step_index].to(self.device),
+                    data.timesteps[indices, step_index],
+                    data.prompt_embeds[indices].to(self.device),
+                    prev_latents=data.latents[indices, step_index + 1].to(self.device),
+                )
+                ratio = torch.exp(step.log_prob - data.log_probs[indices, step_index].to(self.device))
+                worst = max(worst, float((ratio - 1).abs().max()))
+        t = self.config.train
+        if worst > t.ratio_tolerance and t.ratio_check != "off":
+            message = (
+                f"ratio self-check: with unchanged weights, recomputed log-probabilities differ from the sampled ones "
+                f"(max |ratio − 1| = {worst:.3g} > train.ratio_tolerance = {t.ratio_tolerance:g}). Sampling and "
+                "training disagree: check mixed precision, that train.cfg matches sampling, and that nothing changed "
+                "the scheduler. Set train.ratio_check='warn' to continue anyway."
+            )
+            if t.ratio_check == "fail":
+                raise RatioCheckError(message)
+            logger.warning(message)
+        return worst
+
+    def save(self, epoch: int) -> Path:
+        state = TrainingState(
+            epoch=epoch,
+            global_step=self.global_step,
+            stat_tracker=self.stat_tracker.state_dict(),
+            prompt_rng=numpy_rng_state(self.prompts.rng),
+            config=to_dict(self.config),
+        )
+        path = save_checkpoint(
+            self.run_dir,
+            self.accelerator.unwrap_model(self.unet),
+            self.optimizer,
+            self.generators,
+            state,
+            self.config.keep_checkpoints,
+        )
+        logger.info("saved checkpoint %s", path)
+        return path
+
+
+def train(config: Config, resume: str | None = None) -> Path:
+    """Run DDPO to ``config.num_epochs``; returns the folder with the final LoRA (or UNet)."""
+    return Trainer(config, resume).run()
