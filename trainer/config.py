@@ -100,6 +100,9 @@ class RewardConfig:
     """The reward to maximise, as the service lists it (``ddpo score --list``)."""
     timeout: float = 600.0
     """Deadline in seconds for each epoch's reward stream."""
+    stream: bool = True
+    """Send each batch to the service as soon as it is decoded, so scoring overlaps sampling. False holds them until
+    sampling ends (the baseline that bench/epoch.py measures against)."""
     on_error: Literal["fail", "drop"] = "fail"
     """A failed item fails the epoch with the reward's message (fail) or is left out and counted (drop)."""
     token: str | None = None

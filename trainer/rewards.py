@@ -9,6 +9,7 @@ service's message, or (``on_error="drop"``) is left out and counted.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Sequence
 
@@ -49,43 +50,64 @@ class EpochScores:
     scores: npt.NDArray[np.float64]  # (N,) NaN where the item failed and was dropped
     kept: npt.NDArray[np.bool_]  # (N,) False for dropped items
     failures: list[ItemResult]
-    wait_s: float  # time ``collect`` blocked: sampling time did not hide it
+    wait_s: float  # how long ``collect`` blocked: the scoring time that sampling did not hide
+    ready_frac: float  # share of the answers already in hand when sampling ended (0 when not streaming)
 
 
 class EpochRewards:
-    """One epoch's reward stream: ``submit`` batches as they are decoded, then ``collect`` every answer."""
+    """One epoch's reward stream: ``submit`` batches as they are decoded, then ``collect`` every answer.
 
-    def __init__(self, client: RewardClient, reward: str, timeout: float, on_error: str) -> None:
+    A reader thread takes answers off the stream as they arrive. With ``stream=False`` the batches are held back
+    and sent only by ``collect``, which is the no-overlap baseline that ``bench/epoch.py`` compares against.
+    """
+
+    def __init__(self, client: RewardClient, reward: str, timeout: float, on_error: str, stream: bool = True) -> None:
         if on_error not in ("fail", "drop"):
             raise ValueError(f"on_error must be 'fail' or 'drop', got {on_error!r}")
         self.reward = reward
         self.on_error = on_error
+        self._streaming = stream
+        self._held: list[tuple[npt.NDArray[np.uint8], list[str], list[str]]] = []
         self._prompts: list[str] = []
+        self._answers: list[ItemResult] = []
+        self._error: RewardServiceError | None = None
         self._stream = client.open_stream(timeout=timeout)
+        self._reader = threading.Thread(target=self._read, name="epoch-rewards", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for result in self._stream.results():
+                self._answers.append(result)
+        except RewardServiceError as error:
+            self._error = error
 
     def submit(self, images: npt.NDArray[np.uint8], prompts: Sequence[str]) -> None:
         """Send a (B, H, W, 3) uint8 batch now; ids are the items' positions in the epoch."""
         start = len(self._prompts)
         ids = [str(start + i) for i in range(len(prompts))]
         self._prompts.extend(prompts)
-        self._stream.send(self.reward, images, prompts=list(prompts), ids=ids)
+        if self._streaming:
+            self._stream.send(self.reward, images, prompts=list(prompts), ids=ids)
+        else:
+            self._held.append((images, list(prompts), ids))
 
     def collect(self) -> EpochScores:
         """Close the stream and wait for every answer; RewardError per the on_error policy."""
         started = time.perf_counter()
+        ready_frac = len(self._answers) / max(1, len(self._prompts))
+        for images, prompts, ids in self._held:
+            self._stream.send(self.reward, images, prompts=prompts, ids=ids)
         self._stream.close()
-        scores = np.full(len(self._prompts), np.nan)
-        failures: list[ItemResult] = []
-        try:
-            for result in self._stream.results():
-                if result.ok:
-                    scores[int(result.id)] = result.score
-                else:
-                    failures.append(result)
-        except RewardServiceError as error:
-            raise RewardError(f"reward {self.reward!r}: the stream failed: {error}") from None
+        self._reader.join()
         wait_s = time.perf_counter() - started
-        failures.sort(key=lambda result: int(result.id))
+        if self._error is not None:
+            raise RewardError(f"reward {self.reward!r}: the stream failed: {self._error}")
+        scores = np.full(len(self._prompts), np.nan)
+        failures = sorted((r for r in self._answers if not r.ok), key=lambda r: int(r.id))
+        for result in self._answers:
+            if result.ok:
+                scores[int(result.id)] = result.score
         if failures and self.on_error == "fail":
             first = failures[0]
             raise RewardError(
@@ -93,8 +115,10 @@ class EpochRewards:
                 f"(prompt {self._prompts[int(first.id)]!r}): {first.code.name}: {first.message}. "
                 "Pass --on-reward-error=drop to train on the items that were scored."
             )
-        kept = ~np.isnan(scores)
-        return EpochScores(scores=scores, kept=kept, failures=failures, wait_s=wait_s)
+        return EpochScores(
+            scores=scores, kept=~np.isnan(scores), failures=failures, wait_s=wait_s, ready_frac=ready_frac
+        )
 
     def cancel(self) -> None:
         self._stream.cancel()
+        self._reader.join()

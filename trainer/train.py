@@ -200,7 +200,9 @@ class Trainer:
         #################### SAMPLING (rewards stream to the service meanwhile) ####################
         started = time.perf_counter()
         self.unet.eval()
-        rewards = EpochRewards(client, config.reward.name, config.reward.timeout, config.reward.on_error)
+        rewards = EpochRewards(
+            client, config.reward.name, config.reward.timeout, config.reward.on_error, config.reward.stream
+        )
         batches: list[SampleBatch] = []
         try:
             for _ in tqdm(
@@ -254,6 +256,7 @@ class Trainer:
             **train_metrics,
             "sample_s": sample_s,
             "reward_wait_s": scores.wait_s,
+            "rewards_ready_frac": scores.ready_frac,
             "train_s": train_s,
             **self.stat_tracker.stats(),
         }
