@@ -92,6 +92,23 @@ class BrokenReward(Reward):
         return RewardOutput(scores=scores, errors=errors)
 
 
+class RejectPrompt(Reward):
+    """Mean pixel value, except an item error for every item whose prompt is ``rejected``."""
+
+    def __init__(self, rejected: str) -> None:
+        self.rejected = rejected
+        self.spec = RewardSpec(name="reject_prompt", description=f"rejects {rejected!r}", version="1", units="pixel")
+
+    def score(
+        self, images: Sequence[npt.NDArray[np.uint8]], prompts: Sequence[str | None], metadata: Sequence[Metadata]
+    ) -> RewardOutput:
+        errors = [
+            ItemError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot judge {p!r}") if p == self.rejected else None
+            for p in prompts
+        ]
+        return RewardOutput(scores=mean_pixel(images), errors=errors)
+
+
 class ServerThread:
     """A real RewardServer on a free loopback port, running its own event loop in a background thread."""
 

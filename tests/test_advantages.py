@@ -23,7 +23,9 @@ def test_tracker_uses_batch_statistics_until_a_prompt_has_min_count() -> None:
     second = tracker.normalize(["cat", "dog"], np.array([2.0, 30.0]))
     cat = np.array([1.0, 3.0, 2.0])
     dog = np.array([10.0, 20.0, 30.0])
-    np.testing.assert_allclose(second, [(2.0 - cat.mean()) / (cat.std() + 1e-6), (30.0 - dog.mean()) / (dog.std() + 1e-6)])
+    np.testing.assert_allclose(
+        second, [(2.0 - cat.mean()) / (cat.std() + 1e-6), (30.0 - dog.mean()) / (dog.std() + 1e-6)]
+    )
 
 
 def test_tracker_buffer_keeps_only_the_newest_rewards() -> None:
@@ -66,7 +68,8 @@ def test_rwr_weights_are_a_softmax_per_prompt_averaging_one() -> None:
     np.testing.assert_allclose(weights[:3], expected_cat)
     assert weights[3] == pytest.approx(1.0)  # alone in its group
     huge = rwr_weights(["x", "x"], np.array([1000.0, 1001.0]), beta=10.0)  # no overflow
-    assert np.isfinite(huge).all() and huge[1] > huge[0]
+    assert np.isfinite(huge).all()
+    assert huge[1] > huge[0]
 
 
 def test_sparse_rwr_keeps_samples_at_or_above_the_cutoff() -> None:

@@ -69,7 +69,9 @@ def test_per_sample_timesteps_equal_one_step_per_timestep() -> None:
     timesteps = scheduler.timesteps[[0, 4, 9]]
     mixed = ddim_step_with_logprob(scheduler, model_output, timesteps, sample, prev_sample=prev)
     for i, t in enumerate(timesteps.tolist()):
-        single = ddim_step_with_logprob(scheduler, model_output[i : i + 1], t, sample[i : i + 1], prev_sample=prev[i : i + 1])
+        single = ddim_step_with_logprob(
+            scheduler, model_output[i : i + 1], t, sample[i : i + 1], prev_sample=prev[i : i + 1]
+        )
         torch.testing.assert_close(mixed.log_prob[i : i + 1], single.log_prob, rtol=0, atol=0)
 
 
@@ -83,4 +85,3 @@ def test_zero_variance_schedule_is_a_clear_error() -> None:
     check_trainable_schedule(_scheduler(), eta=1.0)  # SD's settings: every step has variance
     with pytest.raises(ValueError, match="eta must be > 0"):
         check_trainable_schedule(_scheduler(), eta=0.0)
-

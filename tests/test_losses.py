@@ -19,7 +19,15 @@ def setup() -> tuple[object, SampleBatch, torch.Tensor]:
     pipeline = build_tiny_pipeline(seed=0)
     negative = encode_prompts(pipeline, [""], torch.device("cpu"))
     batch = sample_batch(
-        pipeline, pipeline.unet, ["cat", "dog", "cow", "fox"], negative, 5, GUIDANCE, ETA, torch.Generator().manual_seed(0), torch.device("cpu")
+        pipeline,
+        pipeline.unet,
+        ["cat", "dog", "cow", "fox"],
+        negative,
+        5,
+        GUIDANCE,
+        ETA,
+        torch.Generator().manual_seed(0),
+        torch.device("cpu"),
     )
     return pipeline, batch, negative
 
@@ -61,9 +69,29 @@ def test_a_gradient_step_moves_the_log_prob_with_the_advantage(setup: tuple, alg
     else:
         loss = losses.ddpo_is_loss(log_prob, batch.log_probs[:, STEP], advantages, clip_range=1e-4).loss
     if algorithm == "ddpo_is_kl":  # at θ = θ_ref the penalty is at its minimum and adds no gradient
-        step = policy_step(unet, pipeline.scheduler, batch.latents[:, STEP], batch.timesteps[:, STEP], batch.prompt_embeds, negative, GUIDANCE, ETA, prev_latents=batch.latents[:, STEP + 1])
+        step = policy_step(
+            unet,
+            pipeline.scheduler,
+            batch.latents[:, STEP],
+            batch.timesteps[:, STEP],
+            batch.prompt_embeds,
+            negative,
+            GUIDANCE,
+            ETA,
+            prev_latents=batch.latents[:, STEP + 1],
+        )
         with torch.no_grad():
-            ref = policy_step(pipeline.unet, pipeline.scheduler, batch.latents[:, STEP], batch.timesteps[:, STEP], batch.prompt_embeds, negative, GUIDANCE, ETA, prev_latents=batch.latents[:, STEP + 1])
+            ref = policy_step(
+                pipeline.unet,
+                pipeline.scheduler,
+                batch.latents[:, STEP],
+                batch.timesteps[:, STEP],
+                batch.prompt_embeds,
+                negative,
+                GUIDANCE,
+                ETA,
+                prev_latents=batch.latents[:, STEP + 1],
+            )
         loss = loss + 0.1 * losses.exact_kl_penalty(step.mean, ref.mean, step.std)
     _step(unet, loss)
     after = _log_prob(unet, pipeline, batch, negative).detach()
@@ -89,7 +117,15 @@ def test_the_kl_penalty_pulls_the_policy_back_to_the_reference(setup: tuple) -> 
             param += 0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1))
 
     def kl(estimator: str) -> torch.Tensor:
-        args = (pipeline.scheduler, batch.latents[:, STEP], batch.timesteps[:, STEP], batch.prompt_embeds, negative, GUIDANCE, ETA)
+        args = (
+            pipeline.scheduler,
+            batch.latents[:, STEP],
+            batch.timesteps[:, STEP],
+            batch.prompt_embeds,
+            negative,
+            GUIDANCE,
+            ETA,
+        )
         step = policy_step(unet, *args, prev_latents=batch.latents[:, STEP + 1])
         with torch.no_grad():
             ref = policy_step(pipeline.unet, *args, prev_latents=batch.latents[:, STEP + 1])

@@ -17,21 +17,34 @@ def test_presets_derive_from_the_base_with_the_papers_settings() -> None:
     assert (base.sample.num_steps, base.sample.eta, base.sample.guidance_scale) == (50, 1.0, 5.0)
     assert (base.train.clip_range, base.train.adv_clip_max, base.train.algorithm) == (1e-4, 5.0, "ddpo_is")
     compress = load_config("compressibility")
-    assert compress.samples_per_epoch() == 32 and compress.optimizer_steps_per_epoch() == 4
+    assert compress.samples_per_epoch() == 32
+    assert compress.optimizer_steps_per_epoch() == 4
     incompress = load_config("incompressibility")
-    assert incompress.reward.name == "jpeg_incompressibility" and incompress.sample == compress.sample
+    assert incompress.reward.name == "jpeg_incompressibility"
+    assert incompress.sample == compress.sample
     aesthetic = load_config("aesthetic")
-    assert (aesthetic.reward.name, aesthetic.prompts.set, aesthetic.optimizer_steps_per_epoch()) == ("aesthetic", "simple_animals", 2)
+    assert (aesthetic.reward.name, aesthetic.prompts.set, aesthetic.optimizer_steps_per_epoch()) == (
+        "aesthetic",
+        "simple_animals",
+        2,
+    )
     alignment = load_config("alignment")
-    assert (alignment.reward.name, alignment.prompts.set, alignment.samples_per_epoch()) == ("llava_bertscore", "nouns_activities", 48)
+    assert (alignment.reward.name, alignment.prompts.set, alignment.samples_per_epoch()) == (
+        "llava_bertscore",
+        "nouns_activities",
+        48,
+    )
     assert load_config("tiny").model == "tiny"
 
 
 def test_overrides_parse_toml_values_and_bare_words() -> None:
-    config = load_config("tiny", ["train.learning_rate=1e-4", "model=some/model", "lora.enabled=false", "lora.target_modules=['to_q']"])
+    config = load_config(
+        "tiny", ["train.learning_rate=1e-4", "model=some/model", "lora.enabled=false", "lora.target_modules=['to_q']"]
+    )
     assert config.train.learning_rate == 1e-4
     assert config.model == "some/model"
-    assert config.lora.enabled is False and config.lora.target_modules == ["to_q"]
+    assert config.lora.enabled is False
+    assert config.lora.target_modules == ["to_q"]
     assert load_config("tiny", ["train.max_grad_norm=2"]).train.max_grad_norm == 2.0  # int accepted for float
 
 
@@ -55,12 +68,24 @@ def test_files_toml_yaml_and_extends(tmp_path: Path) -> None:
         ("tiny", ["train.algorithm='ppo'"], r"train\.algorithm = 'ppo' is not one of 'ddpo_is'"),
         ("tiny", ["train=3"], r"train must be a table"),
         ("tiny", ["train.batch_size=3"], r"samples per epoch .* = 16\) must be divisible by train\.batch_size \(3\)"),
-        ("tiny", ["train.batch_size=4", "train.gradient_accumulation_steps=3"], r"the 4 minibatches .* divisible by train\.gradient_accumulation_steps \(3\)"),
-        ("tiny", ["sample.images_per_prompt=3"], r"sample\.images_per_prompt \(3\) must divide sample\.batch_size \(8\)"),
+        (
+            "tiny",
+            ["train.batch_size=4", "train.gradient_accumulation_steps=3"],
+            r"the 4 minibatches .* divisible by train\.gradient_accumulation_steps \(3\)",
+        ),
+        (
+            "tiny",
+            ["sample.images_per_prompt=3"],
+            r"sample\.images_per_prompt \(3\) must divide sample\.batch_size \(8\)",
+        ),
         ("tiny", ["sample.eta=0"], r"sample\.eta must be > 0"),
         ("tiny", ["train.timestep_fraction=1.5"], r"timestep_fraction must be in \(0, 1\]"),
         ("tiny", ["train.learning_rate=-1"], r"train\.learning_rate must be > 0"),
-        ("tiny", ["train.algorithm='sparse_rwr'"], r"needs exactly one of train\.sparse_threshold and train\.sparse_percentile"),
+        (
+            "tiny",
+            ["train.algorithm='sparse_rwr'"],
+            r"needs exactly one of train\.sparse_threshold and train\.sparse_percentile",
+        ),
         ("tiny", ["train.sparse_percentile=150"], r"sparse_percentile must be in \[0, 100\]"),
         ("tiny", ["stat_tracking.min_count=99"], r"min_count \(99\) cannot exceed stat_tracking\.buffer_size"),
         ("tiny", ["prompts.set='from_file'"], r"needs prompts\.file"),
@@ -96,9 +121,12 @@ def test_broken_files_are_clear_errors(tmp_path: Path) -> None:
 
 def test_prompt_sets() -> None:
     simple = load_prompts("simple_animals")
-    assert len(simple) == 45 and simple[:3] == ["cat", "dog", "horse"]
+    assert len(simple) == 45
+    assert simple[:3] == ["cat", "dog", "horse"]
     imagenet = load_prompts("imagenet_animals")
-    assert len(imagenet) == 398 and imagenet[0] == "tench" and imagenet[-1] == "puffer"
+    assert len(imagenet) == 398
+    assert imagenet[0] == "tench"
+    assert imagenet[-1] == "puffer"
     activities = load_prompts("nouns_activities")
     assert len(activities) == 45 * 3
     assert {"a cat washing the dishes", "an ant riding a bike", "a kangaroo playing chess"} <= set(activities)
@@ -125,7 +153,8 @@ def test_prompt_sampler_is_seeded_and_groups_prompts() -> None:
     first, second = PromptSampler(prompts, seed=3), PromptSampler(prompts, seed=3)
     assert first.sample(8) == second.sample(8)
     grouped = first.sample(8, images_per_prompt=4)
-    assert grouped[:4] == [grouped[0]] * 4 and grouped[4:] == [grouped[4]] * 4
+    assert grouped[:4] == [grouped[0]] * 4
+    assert grouped[4:] == [grouped[4]] * 4
     with pytest.raises(ValueError, match="must divide the batch size"):
         first.sample(8, images_per_prompt=3)
     assert isinstance(first.rng, np.random.Generator)

@@ -26,7 +26,9 @@ class PerPromptStatTracker:
         if buffer_size < 1 or min_count < 1:
             raise ValueError(f"buffer_size ({buffer_size}) and min_count ({min_count}) must be >= 1")
         if min_count > buffer_size:
-            raise ValueError(f"min_count ({min_count}) cannot exceed buffer_size ({buffer_size}): it would never be met")
+            raise ValueError(
+                f"min_count ({min_count}) cannot exceed buffer_size ({buffer_size}): it would never be met"
+            )
         self.buffer_size = buffer_size
         self.min_count = min_count
         self.buffers: dict[str, collections.deque[float]] = {}
@@ -72,7 +74,8 @@ class PerPromptStatTracker:
 def batch_normalize(rewards: FloatArray) -> FloatArray:
     """(r − mean) / (std + ε) over the whole epoch: the advantage without per-prompt tracking."""
     rewards = np.asarray(rewards, dtype=np.float64)
-    return (rewards - rewards.mean()) / (rewards.std() + EPS)
+    advantages: FloatArray = (rewards - rewards.mean()) / (rewards.std() + EPS)
+    return advantages
 
 
 def rwr_weights(prompts: Sequence[str], rewards: FloatArray, beta: float) -> FloatArray:
@@ -102,7 +105,10 @@ def sparse_rwr_weights(rewards: FloatArray, threshold: float | None, percentile:
     if (threshold is None) == (percentile is None):
         raise ValueError("sparse RWR needs exactly one of threshold and percentile")
     rewards = np.asarray(rewards, dtype=np.float64)
-    cutoff = threshold if threshold is not None else float(np.percentile(rewards, percentile))
+    if percentile is not None:
+        cutoff = float(np.percentile(rewards, percentile))
+    elif threshold is not None:
+        cutoff = threshold
     keep = (rewards >= cutoff).astype(np.float64)
     kept = keep.sum()
     return keep * (len(rewards) / kept) if kept else keep

@@ -1,7 +1,7 @@
 """``ddpo train`` (also ``python -m trainer``): DDPO against a running reward service.
 
-    ddpo serve &                                                   # the reward service, in its own process
-    ddpo train --config tiny --reward-server 127.0.0.1:50051 --reward jpeg_compressibility train.learning_rate=1e-3
+ddpo serve &                                                   # the reward service, in its own process
+ddpo train --config tiny --reward-server 127.0.0.1:50051 --reward jpeg_compressibility train.learning_rate=1e-3
 """
 
 from __future__ import annotations
@@ -45,7 +45,11 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         "num_epochs": args.epochs,
         "reward.on_error": args.on_reward_error,
     }
-    overrides = [f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}" for key, value in flags.items() if value is not None]
+    overrides = [
+        f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"
+        for key, value in flags.items()
+        if value is not None
+    ]
     if args.auth_token_file:
         try:
             with open(args.auth_token_file, encoding="utf-8") as file:

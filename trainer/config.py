@@ -177,7 +177,9 @@ class Config:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".toml") for p in resources.files("trainer.configs").iterdir() if p.name.endswith(".toml"))
+    return sorted(
+        p.name.removesuffix(".toml") for p in resources.files("trainer.configs").iterdir() if p.name.endswith(".toml")
+    )
 
 
 def load_config(name_or_path: str | None, overrides: list[str] | None = None) -> Config:
@@ -188,7 +190,7 @@ def load_config(name_or_path: str | None, overrides: list[str] | None = None) ->
     for override in overrides or []:
         key, value = _parse_override(override)
         _set_dotted(data, key, value)
-    config = _build(Config, data, prefix="")
+    config: Config = _build(Config, data, prefix="")
     validate(config)
     return config
 
@@ -277,7 +279,7 @@ def _build(cls: type[Any], data: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(f"{prefix}{name}", hint, value)
@@ -336,7 +338,9 @@ def validate(config: Config) -> None:
         if not value > 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
     if sample.eta <= 0:
-        raise ConfigError(f"sample.eta must be > 0 to train (got {sample.eta}): a deterministic step has no log-probability")
+        raise ConfigError(
+            f"sample.eta must be > 0 to train (got {sample.eta}): a deterministic step has no log-probability"
+        )
     if not 0 < train.timestep_fraction <= 1:
         raise ConfigError(f"train.timestep_fraction must be in (0, 1], got {train.timestep_fraction}")
     if sample.batch_size % sample.images_per_prompt:
@@ -362,7 +366,9 @@ def validate(config: Config) -> None:
             f"({config.stat_tracking.buffer_size}): per-prompt statistics would never be used"
         )
     if train.algorithm == "sparse_rwr" and (train.sparse_threshold is None) == (train.sparse_percentile is None):
-        raise ConfigError("train.algorithm = 'sparse_rwr' needs exactly one of train.sparse_threshold and train.sparse_percentile")
+        raise ConfigError(
+            "train.algorithm = 'sparse_rwr' needs exactly one of train.sparse_threshold and train.sparse_percentile"
+        )
     if train.sparse_percentile is not None and not 0 <= train.sparse_percentile <= 100:
         raise ConfigError(f"train.sparse_percentile must be in [0, 100], got {train.sparse_percentile}")
     if train.kl_coef < 0:

@@ -44,7 +44,8 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def previous_timestep(scheduler: DDIMScheduler, timestep: torch.Tensor) -> torch.Tensor:
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
-    return timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    step: int = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    return timestep - step
 
 
 def step_std(scheduler: DDIMScheduler, timestep: torch.Tensor, eta: float) -> torch.Tensor:
@@ -55,13 +56,16 @@ def step_std(scheduler: DDIMScheduler, timestep: torch.Tensor, eta: float) -> to
     alpha_prod_t = alphas_cumprod[timestep]
     alpha_prod_t_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)], scheduler.final_alpha_cumprod.cpu())
     variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
-    return eta * variance.sqrt()
+    std: torch.Tensor = eta * variance.sqrt()
+    return std
 
 
 def check_trainable_schedule(scheduler: DDIMScheduler, eta: float) -> None:
     """Raise ValueError if some step of the current schedule has zero variance, so its log-probability is undefined."""
     if eta <= 0:
-        raise ValueError(f"eta must be > 0 to train (eta={eta} makes every step deterministic, with no log-probability)")
+        raise ValueError(
+            f"eta must be > 0 to train (eta={eta} makes every step deterministic, with no log-probability)"
+        )
     _check_variance(scheduler, scheduler.timesteps, step_std(scheduler, scheduler.timesteps, eta))
 
 
@@ -139,7 +143,9 @@ def ddim_step_with_logprob(
     # 7. μ_t = sqrt(ᾱ_{t−1}) x̂_0 + direction; x_{t−1} = μ_t + σ_t z unless prev_sample is given
     mean = alpha_prod_t_prev.sqrt() * pred_original_sample + pred_sample_direction
     if prev_sample is None:
-        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        noise = randn_tensor(
+            model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+        )
         prev_sample = mean + std_dev_t * noise
 
     # 8. log N(x_{t−1}; μ_t, σ_t² I), averaged over dimensions:
@@ -148,4 +154,3 @@ def ddim_step_with_logprob(
     log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
     log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
     return DDIMStepOutput(prev_sample=prev_sample.to(sample.dtype), log_prob=log_prob, mean=mean, std=std)
-

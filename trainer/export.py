@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 
 from trainer.config import Config, to_dict
 
 
-def export_final(pipeline: StableDiffusionPipeline, unet: torch.nn.Module, config: Config, run_dir: Path) -> Path:
+def export_final(pipeline: StableDiffusionPipeline, unet: UNet2DConditionModel, config: Config, run_dir: Path) -> Path:
     """Write ``<run_dir>/final``: ``pytorch_lora_weights.safetensors`` (LoRA) or ``unet/`` (full fine-tuning)."""
     out = run_dir / "final"
     out.mkdir(parents=True, exist_ok=True)

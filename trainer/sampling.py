@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 TINY_MODEL = "tiny"
 
 
-def load_pipeline(model: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+def load_pipeline(
+    model: str, revision: str | None = None, dtype: torch.dtype = torch.float32
+) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline from a hub id or a local folder ("tiny": the built-in model), with a DDIM scheduler.
 
     The scheduler is rebuilt as DDIMScheduler from the model's own scheduler config (SD ships PNDM), as DDPO samples
@@ -51,12 +53,14 @@ def load_pipeline(model: str, revision: str | None = None, dtype: torch.dtype = 
 @torch.no_grad()
 def encode_prompts(pipeline: StableDiffusionPipeline, prompts: list[str], device: torch.device) -> torch.Tensor:
     """CLIP text embeddings of ``prompts``: (B, L, D)."""
-    embeds, _ = pipeline.encode_prompt(prompts, device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    embeds: torch.Tensor = pipeline.encode_prompt(
+        prompts, device, num_images_per_prompt=1, do_classifier_free_guidance=False
+    )[0]
     return embeds
 
 
 def guided_noise_pred(
-    unet: torch.nn.Module,
+    unet: UNet2DConditionModel,
     latents: torch.Tensor,  # (B, C, h, w)
     timesteps: torch.Tensor,  # (B,)
     prompt_embeds: torch.Tensor,  # (B, L, D)
@@ -65,7 +69,8 @@ def guided_noise_pred(
 ) -> torch.Tensor:
     """Classifier-free guidance: ε̂ = ε(x, ∅) + w (ε(x, c) − ε(x, ∅)), both halves in one UNet call of 2B."""
     if guidance_scale == 1.0:
-        return unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample
+        prediction: torch.Tensor = unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample
+        return prediction
     batch = latents.shape[0]
     noise_pred = unet(
         torch.cat([latents, latents]),
@@ -73,11 +78,12 @@ def guided_noise_pred(
         encoder_hidden_states=torch.cat([negative_embeds.expand(batch, -1, -1), prompt_embeds]),
     ).sample
     uncond, cond = noise_pred.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    guided: torch.Tensor = uncond + guidance_scale * (cond - uncond)
+    return guided
 
 
 def policy_step(
-    unet: torch.nn.Module,
+    unet: UNet2DConditionModel,
     scheduler: DDIMScheduler,
     latents: torch.Tensor,  # (B, C, h, w) x_t
     timesteps: torch.Tensor,  # (B,)
@@ -110,7 +116,7 @@ class SampleBatch:
 @torch.no_grad()
 def sample_batch(
     pipeline: StableDiffusionPipeline,
-    unet: torch.nn.Module,
+    unet: UNet2DConditionModel,
     prompts: list[str],
     negative_embeds: torch.Tensor,
     num_steps: int,
@@ -132,7 +138,15 @@ def sample_batch(
     for t in scheduler.timesteps:
         timesteps = t.expand(batch).to(device)
         step = policy_step(
-            unet, scheduler, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, eta, generator=generator
+            unet,
+            scheduler,
+            latents,
+            timesteps,
+            prompt_embeds,
+            negative_embeds,
+            guidance_scale,
+            eta,
+            generator=generator,
         )
         latents = step.prev_sample
         all_latents.append(latents)
@@ -149,8 +163,9 @@ def sample_batch(
 
 @torch.no_grad()
 def decode_images(pipeline: StableDiffusionPipeline, latents: torch.Tensor) -> npt.NDArray[np.uint8]:
-    """VAE-decode x_0 latents (B, C, h, w) to (B, H, W, 3) uint8, as StableDiffusionPipeline does for output_type="np"."""
+    """VAE-decode x_0 latents (B, C, h, w) to (B, H, W, 3) uint8, like StableDiffusionPipeline's output_type="np"."""
     vae = pipeline.vae
     pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     pixels = (pixels / 2 + 0.5).clamp(0, 1)
-    return (pixels.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+    images: npt.NDArray[np.uint8] = (pixels.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+    return images

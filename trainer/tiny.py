@@ -31,7 +31,10 @@ def tiny_tokenizer(model_max_length: int = 16) -> CLIPTokenizer:
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     # transformers 5 ignores vocab_file/merges_file here; vocab= and merges= are what it reads.
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length,
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=[],
+        model_max_length=model_max_length,
         unk_token="<|endoftext|>",
         pad_token="<|endoftext|>",
     )

@@ -65,7 +65,9 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log(numbers, step=step)
 
-    def log_images(self, epoch: int, images: npt.NDArray[np.uint8], prompts: Sequence[str], rewards: Sequence[float]) -> Path:
+    def log_images(
+        self, epoch: int, images: npt.NDArray[np.uint8], prompts: Sequence[str], rewards: Sequence[float]
+    ) -> Path:
         captions = [f"{prompt} | {reward:.2f}" for prompt, reward in zip(prompts, rewards, strict=True)]
         grid = image_grid(images, captions)
         self.images_dir.mkdir(parents=True, exist_ok=True)

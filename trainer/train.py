@@ -137,8 +137,8 @@ class Trainer:
         """DDPO-IS-KL's frozen pretrained model. With LoRA it is the same UNet with the adapter disabled: no copy."""
         if self.config.train.algorithm != "ddpo_is_kl" or self.config.lora.enabled:
             return None
-        reference = copy.deepcopy(self.accelerator.unwrap_model(self.unet)).requires_grad_(False)
-        return reference.eval()
+        reference: torch.nn.Module = copy.deepcopy(self.accelerator.unwrap_model(self.unet))
+        return reference.requires_grad_(False).eval()
 
     @contextlib.contextmanager
     def _reference(self) -> Iterator[torch.nn.Module]:
@@ -182,7 +182,9 @@ class Trainer:
         client = connect(
             config.reward.server, config.reward.name, config.reward.token, config.reward.ca_file, config.reward.timeout
         )
-        run_logger = RunLogger(self.run_dir, to_dict(config), config.log.tensorboard, config.log.wandb, config.log.wandb_project)
+        run_logger = RunLogger(
+            self.run_dir, to_dict(config), config.log.tensorboard, config.log.wandb, config.log.wandb_project
+        )
         try:
             for epoch in range(self.start_epoch, config.num_epochs):
                 metrics = self.run_epoch(epoch, client, run_logger)
@@ -302,7 +304,7 @@ class Trainer:
             # each sample visits its own random subset of the T steps, in a random order (timestep_fraction)
             step_order = torch.stack([torch.randperm(config.sample.num_steps, generator=generator) for _ in order])
             step_order = step_order[:, : config.train_timesteps()]  # (N, T_train)
-            minibatches = list(order.split(config.train.batch_size))
+            minibatches = list(torch.split(order, config.train.batch_size))
             if inner == 0 and config.train.algorithm not in ("rwr", "sparse_rwr"):
                 ratio_check = self.check_ratio(data, minibatches[0], step_order)
             groups = [
@@ -422,7 +424,7 @@ class Trainer:
 
     @torch.no_grad()
     def check_ratio(self, data: Epoch, indices: torch.Tensor, step_order: torch.Tensor) -> float:
-        """max |π_θ/π_old − 1| on one minibatch before any update of the epoch: it must be ~0, or the update is wrong."""
+        """max |π_θ/π_old − 1| on a minibatch before the epoch's first update: it must be ~0, or the update is wrong."""
         worst = 0.0
         with self.accelerator.autocast():
             for j in range(step_order.shape[1]):

@@ -32,7 +32,11 @@ def load_prompts(name: str, file: str | None = None) -> list[str]:
     if name == "imagenet_animals":
         return _lines("imagenet_animals.txt")
     if name == "nouns_activities":
-        return [f"{_with_article(noun)} {activity}" for noun in _lines("simple_animals.txt") for activity in _lines("activities.txt")]
+        return [
+            f"{_with_article(noun)} {activity}"
+            for noun in _lines("simple_animals.txt")
+            for activity in _lines("activities.txt")
+        ]
     if name == "from_file":
         if file is None:
             raise ValueError("the from_file prompt set needs a file (prompts.file)")
