@@ -41,7 +41,7 @@ def load_pipeline(
         if not Path(model).exists() and model.count("/") != 1:
             raise ValueError(f"model {model!r} is neither an existing folder nor a hub id like 'org/name'")
         pipeline = StableDiffusionPipeline.from_pretrained(
-            model, revision=revision, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+            model, revision=revision, dtype=dtype, safety_checker=None, requires_safety_checker=False
         )
     if not isinstance(pipeline.unet, UNet2DConditionModel):
         raise ValueError(f"model {model!r} has no UNet2DConditionModel; DDPO needs a Stable-Diffusion-style UNet")

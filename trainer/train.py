@@ -56,8 +56,9 @@ class Epoch:
     latents: torch.Tensor  # (N, T+1, C, h, w)
     log_probs: torch.Tensor  # (N, T)
     timesteps: torch.Tensor  # (N, T)
-    rewards: np.ndarray  # (N,)
+    rewards: np.ndarray  # (N_all,) the scored rewards of every process, for the epoch's statistics
     weights: torch.Tensor  # (N,) advantages (DDPO) or regression weights (RWR)
+    dropped: int  # items of every process left out after a reward error (--on-reward-error=drop)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -81,6 +82,7 @@ class Trainer:
             "training": torch.Generator().manual_seed(process_seed + 10_000),
         }
         self.prompts = PromptSampler(load_prompts(config.prompts.set, config.prompts.file), seed=process_seed)
+        self.prompt_ids = {prompt: i for i, prompt in enumerate(self.prompts.prompts)}
 
         self.pipeline = self._load_policy()
         self.unet = self.pipeline.unet
@@ -241,7 +243,8 @@ class Trainer:
         if config.log.images_every and (epoch + 1) % config.log.images_every == 0:
             count = min(config.log.grid_size, len(data))
             images = np.concatenate([b.images for b in batches])[scores.kept][:count]
-            run_logger.log_images(epoch + 1, images, data.prompts[:count], data.rewards[:count].tolist())
+            kept_rewards = scores.scores[scores.kept][:count]
+            run_logger.log_images(epoch + 1, images, data.prompts[:count], kept_rewards.tolist())
 
         #################### TRAINING ####################
         started = time.perf_counter()
@@ -253,8 +256,8 @@ class Trainer:
             "global_step": self.global_step,
             "reward_mean": float(data.rewards.mean()),
             "reward_std": float(data.rewards.std()),
-            "samples": len(data),
-            "dropped": len(scores.failures),
+            "samples": len(data.rewards),
+            "dropped": data.dropped,
             **train_metrics,
             "sample_s": sample_s,
             "reward_wait_s": scores.wait_s,
@@ -264,31 +267,52 @@ class Trainer:
         }
 
     def _epoch_data(self, batches: list[SampleBatch], rewards: np.ndarray, kept: np.ndarray) -> Epoch:
-        """Concatenate the batches, drop failed items, and turn rewards into advantages or RWR weights."""
-        mask = torch.from_numpy(kept)
+        """Concatenate the batches, drop failed items, and turn rewards into advantages or RWR weights.
+
+        Statistics are over every process's samples, as in ddpo-pytorch: each process gathers all rewards and prompt
+        ids (tensors, no pickling), computes every weight, and keeps its own slice.
+        """
         prompts = [p for b in batches for p in b.prompts]
-        prompts = [p for p, keep in zip(prompts, kept, strict=True) if keep]
-        rewards = rewards[kept]
-        t = self.config.train
-        if t.algorithm == "rwr":
-            weights = adv.rwr_weights(prompts, rewards, t.rwr_beta)
-        elif t.algorithm == "sparse_rwr":
-            weights = adv.sparse_rwr_weights(rewards, t.sparse_threshold, t.sparse_percentile)
-        else:
-            if self.config.stat_tracking.per_prompt:
-                advantages = self.stat_tracker.normalize(prompts, rewards)
-            else:
-                advantages = adv.batch_normalize(rewards)
-            weights = adv.clip_advantages(advantages, t.adv_clip_max)
+        all_prompts, all_rewards, mine = self._gather(prompts, rewards)
+        all_kept = ~np.isnan(all_rewards)
+        weights = np.full(len(all_rewards), np.nan)
+        weights[all_kept] = self._weights(
+            [p for p, k in zip(all_prompts, all_kept, strict=True) if k], all_rewards[all_kept]
+        )
+        mask = torch.from_numpy(kept)
         return Epoch(
-            prompts=prompts,
+            prompts=[p for p, keep in zip(prompts, kept, strict=True) if keep],
             prompt_embeds=torch.cat([b.prompt_embeds for b in batches])[mask],
             latents=torch.cat([b.latents for b in batches])[mask],
             log_probs=torch.cat([b.log_probs for b in batches])[mask],
             timesteps=torch.cat([b.timesteps for b in batches])[mask],
-            rewards=rewards,
-            weights=torch.as_tensor(weights, dtype=torch.float32),
+            rewards=all_rewards[all_kept],
+            weights=torch.as_tensor(weights[mine][kept], dtype=torch.float32),
+            dropped=int((~all_kept).sum()),
         )
+
+    def _gather(self, prompts: list[str], rewards: np.ndarray) -> tuple[list[str], np.ndarray, slice]:
+        """Every process's prompts and rewards (NaN: dropped), and the slice that is this process's."""
+        if self.accelerator.num_processes == 1:
+            return prompts, rewards, slice(0, len(prompts))
+        ids = torch.tensor([self.prompt_ids[p] for p in prompts], device=self.device)
+        all_ids = self.accelerator.gather(ids).cpu().tolist()
+        all_rewards = self.accelerator.gather(torch.as_tensor(rewards, device=self.device)).cpu().numpy()
+        start = self.accelerator.process_index * len(prompts)
+        return [self.prompts.prompts[i] for i in all_ids], all_rewards, slice(start, start + len(prompts))
+
+    def _weights(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        """Per-sample weights of the loss: clipped, normalised advantages for DDPO; regression weights for RWR."""
+        t = self.config.train
+        if t.algorithm == "rwr":
+            return adv.rwr_weights(prompts, rewards, t.rwr_beta)
+        if t.algorithm == "sparse_rwr":
+            return adv.sparse_rwr_weights(rewards, t.sparse_threshold, t.sparse_percentile)
+        if self.config.stat_tracking.per_prompt:
+            advantages = self.stat_tracker.normalize(prompts, rewards)
+        else:
+            advantages = adv.batch_normalize(rewards)
+        return adv.clip_advantages(advantages, t.adv_clip_max)
 
     # ------------------------------------------------------------------ the update
 
