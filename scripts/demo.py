@@ -1,12 +1,14 @@
-"""The main job until the trainer lands: a real reward server process, scored through the client and the CLI.
+"""The main job: a real reward server process, scored through the client and the CLI, then `ddpo train --config tiny`
+against it (the small SD-architecture model; its pretrained weights come with the built-in model issue).
 
-bash scripts/main.sh [--reward jpeg_compressibility] [--port 0]
+bash scripts/main.sh [--reward jpeg_compressibility] [--port 0] [--epochs 3] [--run-dir runs/main]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +39,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reward", default="jpeg_compressibility")
     parser.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
+    parser.add_argument("--epochs", type=int, default=3, help="DDPO epochs of the tiny model")
+    parser.add_argument("--run-dir", default="runs/main", help="the training run's folder (replaced)")
     args = parser.parse_args()
 
     ddpo = str(Path(sys.executable).with_name("ddpo"))
@@ -93,11 +97,33 @@ def main() -> int:
             if cli.returncode != 0:
                 print(cli.stderr, file=sys.stderr)
                 return cli.returncode
+        if train(ddpo, address, args.reward, args.epochs, Path(args.run_dir)) != 0:
+            return 1
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(60)
         print(f"\nserver stopped with SIGTERM, exit code {code}")
     return code
+
+
+def train(ddpo: str, address: str, reward: str, epochs: int, run_dir: Path) -> int:
+    """`ddpo train --config tiny` against the server; print the reward of each epoch from metrics.jsonl."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = [ddpo, "train", "--config", "tiny", "--reward-server", address, "--reward", reward]
+    command += ["--run-dir", str(run_dir), "--epochs", str(epochs)]
+    print(f"\n$ {' '.join(command[1:])}", flush=True)
+    done = subprocess.run(command, check=False)
+    if done.returncode != 0:
+        return done.returncode
+    print(f"\n{'epoch':>5} {'reward_mean':>12} {'reward_std':>10} {'sample_s':>8} {'reward_wait_s':>13} {'train_s':>7}")
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        print(
+            f"{m['epoch']:>5} {m['reward_mean']:>12.4f} {m['reward_std']:>10.4f} {m['sample_s']:>8.2f} "
+            f"{m['reward_wait_s']:>13.3f} {m['train_s']:>7.2f}"
+        )
+    print(f"run folder: {run_dir} (metrics.jsonl, images/, tensorboard/, checkpoints/, final/)")
+    return 0
 
 
 if __name__ == "__main__":
