@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
+from clients import RewardClient
 from trainer import advantages as adv
 from trainer import losses
 from trainer.checkpoint import (
@@ -34,6 +35,7 @@ from trainer.checkpoint import (
     set_numpy_rng_state,
 )
 from trainer.config import Config, to_dict
+from trainer.ddim import DDIMStepOutput
 from trainer.export import export_final
 from trainer.prompts import PromptSampler, load_prompts
 from trainer.rewards import EpochRewards, RewardError, connect
@@ -199,7 +201,7 @@ class Trainer:
             client.close()
         return export_final(self.pipeline, self.accelerator.unwrap_model(self.unet), config, self.run_dir)
 
-    def run_epoch(self, epoch: int, client: Any, run_logger: RunLogger) -> dict[str, Any]:
+    def run_epoch(self, epoch: int, client: RewardClient, run_logger: RunLogger) -> dict[str, Any]:
         config = self.config
         #################### SAMPLING (rewards stream to the service meanwhile) ####################
         started = time.perf_counter()
@@ -365,8 +367,7 @@ class Trainer:
                 self.accelerator.backward(terms["loss"] / len(micro_steps))
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micro_steps)
-        if self.accelerator.sync_gradients:
-            self.accelerator.clip_grad_norm_(self.unet.parameters(), self.config.train.max_grad_norm)
+        self.accelerator.clip_grad_norm_(self.unet.parameters(), self.config.train.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.global_step += 1
@@ -417,7 +418,7 @@ class Trainer:
         timesteps: torch.Tensor,
         prompt_embeds: torch.Tensor,
         prev_latents: torch.Tensor,
-    ) -> Any:
+    ) -> DDIMStepOutput:
         """π(x_{t−1} | x_t, c) with the sampling settings (and guidance unless train.cfg is off)."""
         c = self.config
         return policy_step(
