@@ -188,6 +188,11 @@ def test_every_algorithm_trains(tmp_path: Path, server: ServerThread, overrides:
     assert np.isfinite(line["loss"])
     config = load_config("tiny", [*FAST, *overrides])
     assert line["global_step"] == config.optimizer_steps_per_epoch()
+    assert set(line) >= METRIC_KEYS
+    if "rwr" in " ".join(overrides):  # no importance ratio: null, not a made-up number
+        assert line["ratio_check"] is line["approx_kl"] is line["clipfrac"] is None
+    else:
+        assert line["ratio_check"] == 0.0
     if "kl" in " ".join(overrides):
         assert line["kl"] >= 0
         assert np.isfinite(line["kl"])

@@ -318,13 +318,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the update
 
-    def train_on(self, data: Epoch) -> dict[str, float]:
+    def train_on(self, data: Epoch) -> dict[str, float | None]:
         """``num_inner_epochs`` passes over the epoch in shuffled minibatches; returns averaged diagnostics."""
         config = self.config
         generator = self.generators["training"]
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        ratio_check = float("nan")
+        ratio_check: float | None = None  # RWR does not use log-probabilities
         for inner in range(config.train.num_inner_epochs):
             order = torch.randperm(len(data), generator=generator)
             # each sample visits its own random subset of the T steps, in a random order (timestep_fraction)
@@ -346,7 +346,9 @@ class Trainer:
                 for key, value in self.optimizer_step(data, group, step_order).items():
                     sums[key] = sums.get(key, 0.0) + value
                     counts[key] = counts.get(key, 0) + 1
-        metrics = {key: sums[key] / counts[key] for key in sums}
+        # approx_kl and clipfrac stay None (null in metrics.jsonl) for RWR, which has no importance ratio
+        metrics: dict[str, float | None] = {"approx_kl": None, "clipfrac": None}
+        metrics.update({key: sums[key] / counts[key] for key in sums})
         metrics["ratio_check"] = ratio_check
         return metrics
 
