@@ -70,7 +70,7 @@ class EpochRewards:
         self._held: list[tuple[npt.NDArray[np.uint8], list[str], list[str]]] = []
         self._prompts: list[str] = []
         self._answers: list[ItemResult] = []
-        self._error: RewardServiceError | None = None
+        self._error: Exception | None = None
         self._stream = client.open_stream(timeout=timeout)
         self._reader = threading.Thread(target=self._read, name="epoch-rewards", daemon=True)
         self._reader.start()
@@ -79,7 +79,7 @@ class EpochRewards:
         try:
             for result in self._stream.results():
                 self._answers.append(result)
-        except RewardServiceError as error:
+        except Exception as error:  # RewardServiceError, or a broken stream (unanswered or unknown ids)
             self._error = error
 
     def submit(self, images: npt.NDArray[np.uint8], prompts: Sequence[str]) -> None:
