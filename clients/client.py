@@ -199,7 +199,7 @@ class ScoreStream:
                 yield self._ledger.answer(answer)
             elif isinstance(answer, grpc.RpcError):
                 raise RewardServiceError.from_rpc_error(answer, "ScoreStream")
-            else:  # the server closed the stream before answering everything
+            elif not self._ledger.done:  # the server closed the stream before answering everything
                 raise self._ledger.unanswered_error()
 
     def _read(self) -> None:

@@ -7,6 +7,7 @@ import io
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -15,7 +16,14 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from clients import AsyncRewardClient, EncodedImage, ItemsFailedError, RewardClient, RewardServiceError
+from clients import (
+    AsyncRewardClient,
+    AsyncScoreStream,
+    EncodedImage,
+    ItemsFailedError,
+    RewardClient,
+    RewardServiceError,
+)
 from clients._wire import checked_items, encode_png, parse_target
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
 from reward_server.rewards import build_reward
@@ -179,3 +187,55 @@ def test_client_package_imports_no_server_or_heavy_modules() -> None:
     )
     output = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert output.stdout.strip() == "[]"
+
+
+def test_a_reader_that_starts_before_close_ends_cleanly(
+    jpeg_server: ServerProcess, photo_batch: npt.NDArray[np.uint8]
+) -> None:
+    """Results read on another thread while sending (as the trainer does): every answer arrives before close()."""
+    got: list[float] = []
+    errors: list[BaseException] = []
+    all_answered = threading.Event()
+    with RewardClient(jpeg_server.address) as client, client.open_stream() as stream:
+
+        def read() -> None:
+            try:
+                for result in stream.results():
+                    got.append(result.score)
+                    if len(got) == len(photo_batch):
+                        all_answered.set()
+            except BaseException as error:
+                errors.append(error)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        stream.send("jpeg_compressibility", photo_batch)
+        assert all_answered.wait(30)
+        stream.close()  # the server now ends the stream: no answer is missing
+        reader.join(30)
+    assert not errors
+    assert len(got) == len(photo_batch)
+
+
+def test_asyncio_reader_that_starts_before_close_ends_cleanly(
+    jpeg_server: ServerProcess, photo_batch: npt.NDArray[np.uint8]
+) -> None:
+    async def main() -> list[float]:
+        got: list[float] = []
+        all_answered = asyncio.Event()
+
+        async def read(stream: AsyncScoreStream) -> None:
+            async for result in stream.results():
+                got.append(result.score)
+                if len(got) == len(photo_batch):
+                    all_answered.set()  # the reader then waits on the next read
+
+        async with AsyncRewardClient(jpeg_server.address) as client, client.open_stream() as stream:
+            reader = asyncio.create_task(read(stream))
+            await stream.send("jpeg_compressibility", photo_batch)
+            await asyncio.wait_for(all_answered.wait(), 30)
+            await stream.close()
+            await asyncio.wait_for(reader, 30)
+        return got
+
+    assert len(asyncio.run(main())) == len(photo_batch)
