@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from trainer import losses
+from trainer.ddim import DDIMStepOutput
 from trainer.sampling import SampleBatch, encode_prompts, policy_step, sample_batch
 from trainer.tiny import build_tiny_pipeline
 
@@ -32,7 +33,8 @@ def setup() -> tuple[object, SampleBatch, torch.Tensor]:
     return pipeline, batch, negative
 
 
-def _log_prob(unet: torch.nn.Module, pipeline: object, batch: SampleBatch, negative: torch.Tensor) -> torch.Tensor:
+def _policy(unet: torch.nn.Module, pipeline: object, batch: SampleBatch, negative: torch.Tensor) -> DDIMStepOutput:
+    """The recorded step STEP of every sample in ``batch``, recomputed under ``unet``."""
     return policy_step(
         unet,
         pipeline.scheduler,
@@ -43,7 +45,11 @@ def _log_prob(unet: torch.nn.Module, pipeline: object, batch: SampleBatch, negat
         GUIDANCE,
         ETA,
         prev_latents=batch.latents[:, STEP + 1],
-    ).log_prob
+    )
+
+
+def _log_prob(unet: torch.nn.Module, pipeline: object, batch: SampleBatch, negative: torch.Tensor) -> torch.Tensor:
+    return _policy(unet, pipeline, batch, negative).log_prob
 
 
 def _step(unet: torch.nn.Module, loss: torch.Tensor, lr: float = 1e-3) -> None:
@@ -63,35 +69,14 @@ def test_a_gradient_step_moves_the_log_prob_with_the_advantage(setup: tuple, alg
     before = _log_prob(unet, pipeline, batch, negative).detach()
     # sample 0 is better (or worse) than average; the others are average
     advantages = torch.tensor([sign, 0.0, 0.0, 0.0])
-    log_prob = _log_prob(unet, pipeline, batch, negative)
+    step = _policy(unet, pipeline, batch, negative)
     if algorithm == "ddpo_sf":
-        loss = losses.ddpo_sf_loss(log_prob, batch.log_probs[:, STEP], advantages).loss
+        loss = losses.ddpo_sf_loss(step.log_prob, batch.log_probs[:, STEP], advantages).loss
     else:
-        loss = losses.ddpo_is_loss(log_prob, batch.log_probs[:, STEP], advantages, clip_range=1e-4).loss
+        loss = losses.ddpo_is_loss(step.log_prob, batch.log_probs[:, STEP], advantages, clip_range=1e-4).loss
     if algorithm == "ddpo_is_kl":  # at θ = θ_ref the penalty is at its minimum and adds no gradient
-        step = policy_step(
-            unet,
-            pipeline.scheduler,
-            batch.latents[:, STEP],
-            batch.timesteps[:, STEP],
-            batch.prompt_embeds,
-            negative,
-            GUIDANCE,
-            ETA,
-            prev_latents=batch.latents[:, STEP + 1],
-        )
         with torch.no_grad():
-            ref = policy_step(
-                pipeline.unet,
-                pipeline.scheduler,
-                batch.latents[:, STEP],
-                batch.timesteps[:, STEP],
-                batch.prompt_embeds,
-                negative,
-                GUIDANCE,
-                ETA,
-                prev_latents=batch.latents[:, STEP + 1],
-            )
+            ref = _policy(pipeline.unet, pipeline, batch, negative)
         loss = loss + 0.1 * losses.exact_kl_penalty(step.mean, ref.mean, step.std)
     _step(unet, loss)
     after = _log_prob(unet, pipeline, batch, negative).detach()
@@ -117,18 +102,9 @@ def test_the_kl_penalty_pulls_the_policy_back_to_the_reference(setup: tuple) -> 
             param += 0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1))
 
     def kl(estimator: str) -> torch.Tensor:
-        args = (
-            pipeline.scheduler,
-            batch.latents[:, STEP],
-            batch.timesteps[:, STEP],
-            batch.prompt_embeds,
-            negative,
-            GUIDANCE,
-            ETA,
-        )
-        step = policy_step(unet, *args, prev_latents=batch.latents[:, STEP + 1])
+        step = _policy(unet, pipeline, batch, negative)
         with torch.no_grad():
-            ref = policy_step(pipeline.unet, *args, prev_latents=batch.latents[:, STEP + 1])
+            ref = _policy(pipeline.unet, pipeline, batch, negative)
         if estimator == "exact":
             return losses.exact_kl_penalty(step.mean, ref.mean, step.std)
         return losses.logprob_sq_kl_penalty(step.log_prob, ref.log_prob)

@@ -382,13 +382,7 @@ class Trainer:
         prompt_embeds = data.prompt_embeds[indices].to(self.device)
         if t.algorithm in ("rwr", "sparse_rwr"):
             return {"loss": self.rwr_loss(data.latents[indices, -1].to(self.device), prompt_embeds, weights)}
-        step = self.policy(
-            self.unet,
-            data.latents[indices, step_index].to(self.device),
-            data.timesteps[indices, step_index],
-            prompt_embeds,
-            prev_latents=data.latents[indices, step_index + 1].to(self.device),
-        )
+        step = self.policy(self.unet, data, indices, step_index)
         old_log_prob = data.log_probs[indices, step_index].to(self.device)
         if t.algorithm == "ddpo_sf":
             terms = losses.ddpo_sf_loss(step.log_prob, old_log_prob, weights)
@@ -397,13 +391,7 @@ class Trainer:
         out = {"loss": terms.loss, "approx_kl": terms.approx_kl, "clipfrac": terms.clipfrac}
         if t.algorithm == "ddpo_is_kl":
             with torch.no_grad(), self._reference() as reference:
-                ref = self.policy(
-                    reference,
-                    data.latents[indices, step_index].to(self.device),
-                    data.timesteps[indices, step_index],
-                    prompt_embeds,
-                    prev_latents=data.latents[indices, step_index + 1].to(self.device),
-                )
+                ref = self.policy(reference, data, indices, step_index)
             if t.kl_estimator == "exact":
                 kl = losses.exact_kl_penalty(step.mean, ref.mean, step.std)
             else:
@@ -414,25 +402,21 @@ class Trainer:
         return out
 
     def policy(
-        self,
-        unet: torch.nn.Module,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        prev_latents: torch.Tensor,
+        self, unet: torch.nn.Module, data: Epoch, indices: torch.Tensor, step_index: torch.Tensor
     ) -> DDIMStepOutput:
-        """π(x_{t−1} | x_t, c) with the sampling settings (and guidance unless train.cfg is off)."""
+        """π(x_{t−1} | x_t, c) of the recorded step ``step_index`` (one per sample) of samples ``indices``, with the
+        sampling settings (and guidance unless train.cfg is off)."""
         c = self.config
         return policy_step(
             unet,
             self.pipeline.scheduler,
-            latents,
-            timesteps.to(self.device),
-            prompt_embeds,
+            data.latents[indices, step_index].to(self.device),  # x_t
+            data.timesteps[indices, step_index].to(self.device),
+            data.prompt_embeds[indices].to(self.device),
             self.negative_embeds,
             c.sample.guidance_scale if c.train.cfg else 1.0,
             c.sample.eta,
-            prev_latents=prev_latents,
+            prev_latents=data.latents[indices, step_index + 1].to(self.device),  # x_{t-1}, as sampled
         )
 
     def rwr_loss(self, x0: torch.Tensor, prompt_embeds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -456,13 +440,7 @@ class Trainer:
         with self.accelerator.autocast():
             for j in range(step_order.shape[1]):
                 step_index = step_order[indices, j]
-                step = self.policy(
-                    self.unet,
-                    data.latents[indices, step_index].to(self.device),
-                    data.timesteps[indices, step_index],
-                    data.prompt_embeds[indices].to(self.device),
-                    prev_latents=data.latents[indices, step_index + 1].to(self.device),
-                )
+                step = self.policy(self.unet, data, indices, step_index)
                 ratio = torch.exp(step.log_prob - data.log_probs[indices, step_index].to(self.device))
                 worst = max(worst, float((ratio - 1).abs().max()))
         t = self.config.train
