@@ -151,9 +151,9 @@ class AsyncScoreStream:
                 response = await self._call.read()
             except grpc.aio.AioRpcError as error:
                 raise RewardServiceError.from_rpc_error(error, "ScoreStream") from None
-            if response is grpc.aio.EOF:
-                if self._ledger.done:  # every answer was read before close(): a reader that started early
-                    return
-                raise self._ledger.unanswered_error()  # the server closed the stream before answering everything
+            if response is grpc.aio.EOF:  # after close(); a reader that started early may have had every answer
+                break
             for result in response.results:
                 yield self._ledger.answer(result)
+        if not self._ledger.done:  # the server closed the stream before answering everything
+            raise self._ledger.unanswered_error()
