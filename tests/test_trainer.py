@@ -20,6 +20,7 @@ from trainer.config import load_config
 from trainer.rewards import RewardError
 from trainer.sampling import load_pipeline
 from trainer.tiny import build_tiny_pipeline
+from trainer.tracking import _shorten, image_grid
 from trainer.train import RatioCheckError, Trainer
 
 METRIC_KEYS = {
@@ -266,3 +267,12 @@ def test_train_cli_errors(tmp_path: Path) -> None:
     )
     assert unreachable.returncode == 1
     assert "ddpo train: reward service at 127.0.0.1:1" in unreachable.stderr
+
+
+def test_image_grid_keeps_every_reward_readable() -> None:
+    images = np.zeros((6, 64, 64, 3), np.uint8)
+    captions = [f"a hippopotamus washing the dishes {i} | -3.{i}1" for i in range(6)]
+    grid = image_grid(images, captions, columns=4)
+    assert grid.size == (4 * 128, 2 * (128 + 12))  # 64 px images enlarged to 128 px, two rows of four
+    assert _shorten(captions[0], 21) == "a hippopotam… | -3.01"
+    assert _shorten("cat | -3.01", 21) == "cat | -3.01"

@@ -17,19 +17,34 @@ from PIL import Image, ImageDraw
 def image_grid(
     images: npt.NDArray[np.uint8], captions: Sequence[str], columns: int = 4, caption_height: int = 12
 ) -> Image.Image:
-    """Tile (N, H, W, 3) images in rows of ``columns``, each with its caption in a strip underneath."""
+    """Tile (N, H, W, 3) images in rows of ``columns``, each with its caption in a strip underneath.
+
+    Small images are enlarged (nearest neighbour) to at least 128 px wide so that captions fit; a caption that is
+    still too long loses the end of its prompt, never the reward after the last " | ".
+    """
     count, height, width, _ = images.shape
+    scale = max(1, math.ceil(128 / width))
+    height, width = height * scale, width * scale
     rows = math.ceil(count / columns)
     cell_height = height + caption_height
     grid = Image.new("RGB", (columns * width, rows * cell_height), "white")
     draw = ImageDraw.Draw(grid)
-    max_chars = max(4, width // 6)
+    max_chars = width // 6  # Pillow's default bitmap font is 6 px wide
     for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         x, y = (i % columns) * width, (i // columns) * cell_height
-        grid.paste(Image.fromarray(image), (x, y))
-        text = caption if len(caption) <= max_chars else caption[: max_chars - 1] + "…"
-        draw.text((x + 2, y + height), text, fill="black")
+        grid.paste(Image.fromarray(image).resize((width, height), Image.Resampling.NEAREST), (x, y))
+        draw.text((x + 2, y + height), _shorten(caption, max_chars), fill="black")
     return grid
+
+
+def _shorten(caption: str, max_chars: int) -> str:
+    if len(caption) <= max_chars:
+        return caption
+    prompt, sep, reward = caption.rpartition(" | ")
+    if not sep:
+        return caption[: max_chars - 1] + "…"
+    keep = max(1, max_chars - len(sep) - len(reward) - 1)
+    return f"{prompt[:keep]}…{sep}{reward}"
 
 
 class RunLogger:
