@@ -41,20 +41,21 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def previous_timestep(scheduler: DDIMScheduler, timestep: torch.Tensor) -> torch.Tensor:
+def alpha_cumprods(scheduler: DDIMScheduler, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ᾱ_t and ᾱ_{t−1} on the CPU, where t − 1 is the previous step of the inference schedule (before the first
+    training timestep: the scheduler's final_alpha_cumprod)."""
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
-    step: int = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    return timestep - step
+    timestep = torch.as_tensor(timestep).cpu()
+    prev = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alphas_cumprod = scheduler.alphas_cumprod.cpu()
+    alpha_prod_t_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)], scheduler.final_alpha_cumprod.cpu())
+    return alphas_cumprod[timestep], alpha_prod_t_prev
 
 
 def step_std(scheduler: DDIMScheduler, timestep: torch.Tensor, eta: float) -> torch.Tensor:
     """σ_t(η) of DDIM's formula (16) for each timestep: η · sqrt((1 − ᾱ_{t−1})/(1 − ᾱ_t)) · sqrt(1 − ᾱ_t/ᾱ_{t−1})."""
-    timestep = torch.as_tensor(timestep).cpu()
-    prev = previous_timestep(scheduler, timestep)
-    alphas_cumprod = scheduler.alphas_cumprod.cpu()
-    alpha_prod_t = alphas_cumprod[timestep]
-    alpha_prod_t_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)], scheduler.final_alpha_cumprod.cpu())
+    alpha_prod_t, alpha_prod_t_prev = alpha_cumprods(scheduler, timestep)
     variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
     std: torch.Tensor = eta * variance.sqrt()
     return std
@@ -97,17 +98,8 @@ def ddim_step_with_logprob(
     if timestep.shape != (sample.shape[0],):
         raise ValueError(f"timestep must be a scalar or have shape ({sample.shape[0]},), got {tuple(timestep.shape)}")
 
-    # 1. previous step value (= t − 1 on the inference schedule)
-    prev_timestep = previous_timestep(scheduler, timestep)
-
-    # 2. ᾱ_t, ᾱ_{t−1}, β̄_t = 1 − ᾱ_t
-    alphas_cumprod = scheduler.alphas_cumprod.cpu()
-    alpha_prod_t = alphas_cumprod[timestep]
-    alpha_prod_t_prev = torch.where(
-        prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], scheduler.final_alpha_cumprod.cpu()
-    )
-    alpha_prod_t = _per_sample(alpha_prod_t, sample)
-    alpha_prod_t_prev = _per_sample(alpha_prod_t_prev, sample)
+    # 1-2. previous step value (t − 1 on the inference schedule); ᾱ_t, ᾱ_{t−1}, β̄_t = 1 − ᾱ_t
+    alpha_prod_t, alpha_prod_t_prev = (_per_sample(a, sample) for a in alpha_cumprods(scheduler, timestep))
     beta_prod_t = 1 - alpha_prod_t
 
     # 3. predicted x_0 and ε, DDIM formula (12)

@@ -8,7 +8,6 @@ log-probability recomputed during training, or the importance ratio is not 1 bef
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,6 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from trainer.ddim import DDIMStepOutput, check_trainable_schedule, ddim_step_with_logprob
-
-logger = logging.getLogger(__name__)
 
 TINY_MODEL = "tiny"
 
