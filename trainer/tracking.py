@@ -15,15 +15,19 @@ from PIL import Image, ImageDraw
 
 
 def image_grid(
-    images: npt.NDArray[np.uint8], captions: Sequence[str], columns: int = 4, caption_height: int = 12
+    images: npt.NDArray[np.uint8],
+    captions: Sequence[str],
+    columns: int = 4,
+    caption_height: int = 12,
+    min_width: int = 128,
 ) -> Image.Image:
     """Tile (N, H, W, 3) images in rows of ``columns``, each with its caption in a strip underneath.
 
-    Small images are enlarged (nearest neighbour) to at least 128 px wide so that captions fit; a caption that is
-    still too long loses the end of its prompt, never the reward after the last " | ".
+    Small images are enlarged (nearest neighbour) to at least ``min_width`` px wide so that captions fit; a caption
+    that is still too long loses the end of its prompt, never the reward after the last " | ".
     """
     count, height, width, _ = images.shape
-    scale = max(1, math.ceil(128 / width))
+    scale = max(1, math.ceil(min_width / width))
     height, width = height * scale, width * scale
     rows = math.ceil(count / columns)
     cell_height = height + caption_height
