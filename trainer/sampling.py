@@ -23,23 +23,23 @@ TINY_MODEL = "tiny"
 def load_pipeline(
     model: str, revision: str | None = None, dtype: torch.dtype = torch.float32
 ) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline from a hub id or a local folder ("tiny": the built-in model), with a DDIM scheduler.
+    """A StableDiffusionPipeline from a hub id or a local folder ("tiny": the built-in model, ``TINY_MODEL_PATH``),
+    with a DDIM scheduler.
 
     The scheduler is rebuilt as DDIMScheduler from the model's own scheduler config (SD ships PNDM), as DDPO samples
     with DDIM. The safety checker is not loaded: rewards judge the images, and it would replace some with black ones.
     """
     if model == TINY_MODEL:
-        from trainer.tiny import build_tiny_pipeline
+        from trainer.tiny import TINY_MODEL_PATH
 
-        pipeline = build_tiny_pipeline()
-        if dtype != torch.float32:
-            pipeline.to(dtype=dtype)
-    else:
-        if not Path(model).exists() and model.count("/") != 1:
-            raise ValueError(f"model {model!r} is neither an existing folder nor a hub id like 'org/name'")
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            model, revision=revision, dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
+        if not (TINY_MODEL_PATH / "model_index.json").is_file():
+            raise ValueError(f"the built-in tiny model is missing from {TINY_MODEL_PATH}: reinstall ddpo")
+        model = str(TINY_MODEL_PATH)
+    elif not Path(model).exists() and model.count("/") != 1:
+        raise ValueError(f"model {model!r} is neither an existing folder nor a hub id like 'org/name'")
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        model, revision=revision, dtype=dtype, safety_checker=None, requires_safety_checker=False
+    )
     if not isinstance(pipeline.unet, UNet2DConditionModel):
         raise ValueError(f"model {model!r} has no UNet2DConditionModel; DDPO needs a Stable-Diffusion-style UNet")
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)

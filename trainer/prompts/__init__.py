@@ -3,6 +3,8 @@
 - ``simple_animals``: the paper's 45 common animals (aesthetic task).
 - ``imagenet_animals``: the 398 animal classes of ImageNet-1k, ids 0-397 (compressibility tasks).
 - ``nouns_activities``: "a <simple animal> <activity>" for the paper's three activities (alignment task).
+- ``shapes``: "<count> <colour> <shape>" for the built-in tiny model, with no background named (54 prompts).
+- ``shapes_heldout``: the same for colour/shape pairs left out of ``shapes`` (18 prompts), for evaluation.
 - ``from_file``: a UTF-8 text file, one prompt per line; blank lines are skipped.
 """
 
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPT_SETS = ("simple_animals", "imagenet_animals", "nouns_activities", "from_file")
+PROMPT_SETS = ("simple_animals", "imagenet_animals", "nouns_activities", "shapes", "shapes_heldout", "from_file")
+_FILE_SETS = ("simple_animals", "imagenet_animals", "shapes", "shapes_heldout")  # <name>.txt in this package
 
 
 def _lines(name: str) -> list[str]:
@@ -27,10 +30,8 @@ def _with_article(noun: str) -> str:
 
 def load_prompts(name: str, file: str | None = None) -> list[str]:
     """Every prompt of a set, in a fixed order. Raises ValueError for an unknown set or an unusable file."""
-    if name == "simple_animals":
-        return _lines("simple_animals.txt")
-    if name == "imagenet_animals":
-        return _lines("imagenet_animals.txt")
+    if name in _FILE_SETS:
+        return _lines(f"{name}.txt")
     if name == "nouns_activities":
         return [
             f"{_with_article(noun)} {activity}"
