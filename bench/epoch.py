@@ -91,8 +91,11 @@ def start_server(delay_ms: float, batch_size: int) -> tuple[subprocess.Popen[str
     raise RuntimeError(f"the reward server exited ({process.wait()}) without announcing its port")
 
 
-def no_progress(iterable: Iterable[T], **_: Any) -> Iterable[T]:
-    return iterable
+def no_progress(iterable: Iterable[T], **kwargs: Any) -> Iterable[T]:
+    from tqdm.auto import tqdm
+
+    bar: Iterable[T] = tqdm(iterable, **{**kwargs, "disable": True})
+    return bar
 
 
 def run_mode(address: str, stream: bool, args: argparse.Namespace, run_dir: str) -> list[dict[str, Any]]:
@@ -103,7 +106,7 @@ def run_mode(address: str, stream: bool, args: argparse.Namespace, run_dir: str)
     trainer.train.tqdm = no_progress  # type: ignore[attr-defined]  # its bars ignore TQDM_DISABLE on the main process
     overrides = [f"reward.server='{address}'", f"reward.stream={str(stream).lower()}", f"run_dir='{run_dir}'"]
     overrides += [f"num_epochs={args.epochs}", f"sample.num_batches_per_epoch={args.batches}", f"seed={args.seed}"]
-    overrides += ["log.tensorboard=false", "log.images_every=0", "save_every=1000"]
+    overrides += ["log.tensorboard=false", "log.images_every=0", "save_every=1000", "eval.enabled=false"]
     trainer.train.Trainer(load_config("tiny", overrides)).run()
     epochs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     for epoch in epochs:

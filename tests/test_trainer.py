@@ -12,11 +12,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+from clients import RewardClient
 from reward_server.rewards.jpeg import JpegSize
 from tests.support import ROOT, RejectPrompt, ServerProcess, ServerThread
 from trainer.config import load_config
+from trainer.prompts import load_prompts
 from trainer.rewards import RewardError
 from trainer.sampling import load_pipeline
 from trainer.tiny import build_tiny_pipeline
@@ -35,7 +38,7 @@ METRIC_KEYS = {
     "reward_wait_s",
     "train_s",
 }
-FAST = ["sample.num_steps=5", "log.tensorboard=false", "log.images_every=0"]
+FAST = ["sample.num_steps=5", "log.tensorboard=false", "log.images_every=0", "eval.enabled=false"]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +73,7 @@ def test_ddpo_train_streams_rewards_from_a_reward_server_process(tmp_path: Path)
                 "2",
                 "save_every=1",
                 "sample.num_batches_per_epoch=3",
+                "eval.samples_per_prompt=1",
             ],
             cwd=ROOT,
             capture_output=True,
@@ -91,6 +95,31 @@ def test_ddpo_train_streams_rewards_from_a_reward_server_process(tmp_path: Path)
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "images" / "epoch_000002.png").is_file()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals] == [0, 2]  # before training and after the last epoch
+    assert [e["samples"] for e in evals] == [18, 18]  # the 18 held-out shapes prompts, one image each
+    assert (tmp_path / "reward_curve.png").is_file()
+    assert (tmp_path / "eval_before_after.png").is_file()
+
+
+def test_held_out_evaluation_uses_fixed_noise_and_the_services_scores(tmp_path: Path, server: ServerThread) -> None:
+    fast = [f for f in FAST if not f.startswith("eval.")]
+    runs = {}
+    for seed in (1, 2):
+        run_tiny(
+            tmp_path / str(seed), server.address, *fast, "num_epochs=1", f"seed={seed}", "eval.samples_per_prompt=1"
+        )
+        runs[seed] = [json.loads(line) for line in (tmp_path / str(seed) / "eval.jsonl").read_text().splitlines()]
+    before, after = runs[1]
+    assert before["items"] == runs[2][0]["items"]  # other training seed, same held-out noise: same images, same scores
+    assert before["items"] != after["items"]  # training changed the model
+    assert before["per_prompt"].keys() == set(load_prompts("shapes_heldout"))
+    # the recorded rewards are the service's scores of the recorded images
+    with RewardClient(server.address) as client:
+        images = [np.asarray(Image.open(tmp_path / "1" / item["image"])) for item in after["items"]]
+        scored = client.score("jpeg_compressibility", images)
+    assert [item.score for item in scored.items] == pytest.approx([item["reward"] for item in after["items"]])
+    assert after["reward_mean"] == pytest.approx(np.mean([item["reward"] for item in after["items"]]))
 
 
 def test_without_streaming_no_answer_arrives_before_sampling_ends(tmp_path: Path, server: ServerThread) -> None:

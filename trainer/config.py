@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from trainer.prompts import PROMPT_SETS
+
 ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr", "sparse_rwr", "ddpo_is_kl")
 Algorithm = Literal["ddpo_is", "ddpo_sf", "rwr", "sparse_rwr", "ddpo_is_kl"]
 
@@ -114,9 +116,25 @@ class RewardConfig:
 @dataclasses.dataclass
 class PromptConfig:
     set: str = "imagenet_animals"
-    """simple_animals, imagenet_animals, nouns_activities, or from_file (then ``file``)."""
+    """simple_animals, imagenet_animals, nouns_activities, shapes, shapes_heldout, or from_file (then ``file``)."""
     file: str | None = None
     """A text file with one prompt per line, for set = "from_file"."""
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    enabled: bool = False
+    """Score a held-out prompt set before the first epoch, every ``every`` epochs and after the last, with fixed
+    noise. Rewards go to eval.jsonl, images to eval/, and a before/after grid to eval_before_after.png."""
+    set: str = "from_file"
+    """The held-out prompt set, as prompts.set (the tiny model's is shapes_heldout)."""
+    file: str | None = None
+    """A text file with one prompt per line, for set = "from_file"."""
+    samples_per_prompt: int = 2
+    seed: int = 2023
+    """Evaluation noise comes from its own generator with this seed: every evaluation sees the same noise."""
+    every: int = 0
+    """Also evaluate every N epochs (0: only before and after training)."""
 
 
 @dataclasses.dataclass
@@ -162,6 +180,7 @@ class Config:
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     prompts: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     stat_tracking: StatTrackingConfig = dataclasses.field(default_factory=StatTrackingConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
 
@@ -333,6 +352,7 @@ def validate(config: Config) -> None:
         "reward.timeout": config.reward.timeout,
         "stat_tracking.buffer_size": config.stat_tracking.buffer_size,
         "stat_tracking.min_count": config.stat_tracking.min_count,
+        "eval.samples_per_prompt": config.eval.samples_per_prompt,
     }
     for key, value in positive.items():
         if not value > 0:
@@ -373,10 +393,16 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.sparse_percentile must be in [0, 100], got {train.sparse_percentile}")
     if train.kl_coef < 0:
         raise ConfigError(f"train.kl_coef must be >= 0, got {train.kl_coef}")
-    if config.keep_checkpoints < 0 or config.log.images_every < 0:
-        raise ConfigError("keep_checkpoints and log.images_every must be >= 0")
-    if config.prompts.set == "from_file" and not config.prompts.file:
-        raise ConfigError("prompts.set = 'from_file' needs prompts.file (a text file with one prompt per line)")
+    if config.keep_checkpoints < 0 or config.log.images_every < 0 or config.eval.every < 0:
+        raise ConfigError("keep_checkpoints, log.images_every and eval.every must be >= 0")
+    for key, prompt_set, file in (
+        ("prompts", config.prompts.set, config.prompts.file),
+        ("eval", config.eval.set if config.eval.enabled else None, config.eval.file),
+    ):
+        if prompt_set is not None and prompt_set not in PROMPT_SETS:
+            raise ConfigError(f"{key}.set = {prompt_set!r} is not a prompt set; use one of {', '.join(PROMPT_SETS)}")
+        if prompt_set == "from_file" and not file:
+            raise ConfigError(f"{key}.set = 'from_file' needs {key}.file (a text file with one prompt per line)")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

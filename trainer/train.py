@@ -36,11 +36,12 @@ from trainer.checkpoint import (
 )
 from trainer.config import Config, to_dict
 from trainer.ddim import DDIMStepOutput
+from trainer.evaluate import evaluate, evaluation_prompts
 from trainer.export import export_final
 from trainer.prompts import PromptSampler, load_prompts
 from trainer.rewards import EpochRewards, RewardError, connect
 from trainer.sampling import SampleBatch, encode_prompts, load_pipeline, policy_step, sample_batch
-from trainer.tracking import RunLogger
+from trainer.tracking import RunLogger, before_after_grid, plot_rewards
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,10 @@ class Trainer:
         }
         self.prompts = PromptSampler(load_prompts(config.prompts.set, config.prompts.file), seed=process_seed)
         self.prompt_ids = {prompt: i for i, prompt in enumerate(self.prompts.prompts)}
+        self.eval_prompts = []
+        if config.eval.enabled:
+            held_out = load_prompts(config.eval.set, config.eval.file)
+            self.eval_prompts = evaluation_prompts(held_out, config.eval.samples_per_prompt)
 
         self.pipeline = self._load_policy()
         self.unet = self.pipeline.unet
@@ -190,16 +195,73 @@ class Trainer:
             self.run_dir, to_dict(config), config.log.tensorboard, config.log.wandb, config.log.wandb_project
         )
         try:
-            for epoch in range(self.start_epoch, config.num_epochs):
+            if self.eval_prompts and self.start_epoch == 0:
+                self.run_eval(0, client, run_logger)
+            epochs = tqdm(
+                range(self.start_epoch, config.num_epochs),
+                desc="DDPO",
+                unit="epoch",
+                initial=self.start_epoch,
+                total=config.num_epochs,
+                disable=not self.accelerator.is_local_main_process,
+            )
+            for epoch in epochs:
                 metrics = self.run_epoch(epoch, client, run_logger)
                 run_logger.log_epoch(metrics)
+                epochs.set_postfix(reward=f"{metrics['reward_mean']:.4g}")
+                logger.info(
+                    "epoch %d: %s %.4f ± %.4f over %d samples (sampling %.1fs, reward wait %.2fs, training %.1fs)",
+                    metrics["epoch"],
+                    config.reward.name,
+                    metrics["reward_mean"],
+                    metrics["reward_std"],
+                    metrics["samples"],
+                    metrics["sample_s"],
+                    metrics["reward_wait_s"],
+                    metrics["train_s"],
+                )
                 done = epoch + 1
                 if done % config.save_every == 0 or done == config.num_epochs:
                     self.save(done)
+                if self.eval_prompts and (
+                    done == config.num_epochs or (config.eval.every and done % config.eval.every == 0)
+                ):
+                    self.run_eval(done, client, run_logger)
         finally:
             run_logger.close()
             client.close()
+        if self.accelerator.is_main_process:
+            logger.info("reward curve: %s", plot_rewards(self.run_dir, config.reward.name))
+            if (grid := before_after_grid(self.run_dir)) is not None:
+                logger.info("held-out samples before and after training: %s", grid)
         return export_final(self.pipeline, self.accelerator.unwrap_model(self.unet), config, self.run_dir)
+
+    def run_eval(self, epoch: int, client: RewardClient, run_logger: RunLogger) -> None:
+        """Score the held-out prompts with fixed noise (``trainer.evaluate``), on the main process only."""
+        if self.accelerator.is_main_process:
+            self.unet.eval()
+            with self.accelerator.autocast():
+                result = evaluate(
+                    self.pipeline,
+                    self.accelerator.unwrap_model(self.unet),
+                    self.eval_prompts,
+                    self.negative_embeds,
+                    client,
+                    self.config,
+                    epoch,
+                    self.device,
+                )
+            summary = result.summary()
+            run_logger.log_eval(summary, result.images, result.prompts)
+            logger.info(
+                "held-out evaluation after epoch %d: %s = %.4f ± %.4f over %d samples",
+                epoch,
+                self.config.reward.name,
+                summary["reward_mean"],
+                summary["reward_std"],
+                summary["samples"],
+            )
+        self.accelerator.wait_for_everyone()
 
     def run_epoch(self, epoch: int, client: RewardClient, run_logger: RunLogger) -> dict[str, Any]:
         config = self.config
