@@ -1,7 +1,7 @@
 """The main job: a real reward server process, scored through the client and the CLI, then `ddpo train --config tiny`
-against it (the small SD-architecture model; its pretrained weights come with the built-in model issue).
+against it: the built-in pretrained tiny model, with a held-out evaluation before and after training.
 
-bash scripts/main.sh [--reward jpeg_compressibility] [--port 0] [--epochs 3] [--run-dir runs/main]
+bash scripts/main.sh [--reward jpeg_compressibility] [--port 0] [--epochs N] [--run-dir runs/main]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reward", default="jpeg_compressibility")
     parser.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
-    parser.add_argument("--epochs", type=int, default=3, help="DDPO epochs of the tiny model")
+    parser.add_argument("--epochs", type=int, default=None, help="DDPO epochs (default: the tiny config's)")
     parser.add_argument("--run-dir", default="runs/main", help="the training run's folder (replaced)")
     args = parser.parse_args()
 
@@ -106,23 +106,36 @@ def main() -> int:
     return code
 
 
-def train(ddpo: str, address: str, reward: str, epochs: int, run_dir: Path) -> int:
-    """`ddpo train --config tiny` against the server; print the reward of each epoch from metrics.jsonl."""
+def train(ddpo: str, address: str, reward: str, epochs: int | None, run_dir: Path) -> int:
+    """`ddpo train --config tiny` against the server; then print the reward curve and the held-out evaluation."""
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [ddpo, "train", "--config", "tiny", "--reward-server", address, "--reward", reward]
-    command += ["--run-dir", str(run_dir), "--epochs", str(epochs)]
-    print(f"\n$ {' '.join(command[1:])}", flush=True)
+    command += ["--run-dir", str(run_dir)] + (["--epochs", str(epochs)] if epochs else [])
+    print(f"\n$ {' '.join(['ddpo', *command[1:]])}", flush=True)
     done = subprocess.run(command, check=False)
     if done.returncode != 0:
         return done.returncode
-    print(f"\n{'epoch':>5} {'reward_mean':>12} {'reward_std':>10} {'sample_s':>8} {'reward_wait_s':>13} {'train_s':>7}")
+    print(f"\nreward curve ({reward} of each epoch's training samples):")
+    print(f"{'epoch':>5} {'reward_mean':>12} {'reward_std':>10} {'sample_s':>8} {'reward_wait_s':>13} {'train_s':>7}")
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
         print(
             f"{m['epoch']:>5} {m['reward_mean']:>12.4f} {m['reward_std']:>10.4f} {m['sample_s']:>8.2f} "
             f"{m['reward_wait_s']:>13.3f} {m['train_s']:>7.2f}"
         )
-    print(f"run folder: {run_dir} (metrics.jsonl, images/, tensorboard/, checkpoints/, final/)")
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    before, after = evals[0], evals[-1]
+    print(f"\nheld-out prompts, same noise before and after ({before['samples']} images, {reward}):")
+    print(f"{'prompt':<28} {'before':>8} {'after':>8}")
+    for prompt, value in before["per_prompt"].items():
+        print(f"{prompt:<28} {value:>8.4f} {after['per_prompt'][prompt]:>8.4f}")
+    change = (after["reward_mean"] - before["reward_mean"]) / abs(before["reward_mean"])
+    print(
+        f"{'mean':<28} {before['reward_mean']:>8.4f} {after['reward_mean']:>8.4f}  "
+        f"({change:+.1%} after {after['epoch']} epochs)"
+    )
+    print(f"\nplots: {run_dir / 'reward_curve.png'}, {run_dir / 'eval_before_after.png'}")
+    print(f"run folder: {run_dir} (metrics.jsonl, eval.jsonl, images/, eval/, tensorboard/, checkpoints/, final/)")
     return 0
 
 
