@@ -126,6 +126,8 @@ def test_without_streaming_no_answer_arrives_before_sampling_ends(tmp_path: Path
     metrics = run_tiny(tmp_path, server.address, *FAST, "num_epochs=1", "reward.stream=false")
     assert metrics[0]["rewards_ready_frac"] == 0.0
     assert metrics[0]["samples"] == 16
+    again = run_tiny(tmp_path, server.address, *FAST, "num_epochs=1")  # a fresh run in a used folder starts clean
+    assert [m["epoch"] for m in again] == [1]
 
 
 def test_two_epochs_equal_one_then_resume_then_one_bitwise(tmp_path: Path, server: ServerThread) -> None:

@@ -18,7 +18,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from clients import RewardClient
 from trainer.config import Config
-from trainer.rewards import EpochRewards
+from trainer.rewards import EpochRewards, RewardError
 from trainer.sampling import sample_batch
 
 
@@ -85,4 +85,6 @@ def evaluate(
         rewards.cancel()
         raise
     scores = rewards.collect()
+    if not scores.kept.any():
+        raise RewardError(f"held-out evaluation at epoch {epoch}: reward {config.reward.name!r} failed for every item")
     return EvalResult(epoch=epoch, prompts=prompts, images=np.concatenate(images), rewards=scores.scores)

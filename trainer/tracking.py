@@ -53,12 +53,22 @@ def _shorten(caption: str, max_chars: int) -> str:
 
 
 class RunLogger:
-    """Writes each epoch's metrics to every configured sink; ``close`` flushes them."""
+    """Writes each epoch's metrics to every configured sink; ``close`` flushes them.
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], tensorboard: bool, wandb: bool, project: str) -> None:
+    Lines of metrics.jsonl and eval.jsonl from after ``start_epoch`` are dropped first: a fresh run (0) in a used
+    folder starts clean, and a run resumed from an earlier checkpoint does not repeat epochs.
+    """
+
+    def __init__(
+        self, run_dir: Path, config: dict[str, Any], tensorboard: bool, wandb: bool, project: str, start_epoch: int
+    ) -> None:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.eval_path = run_dir / "eval.jsonl"
+        for path in (self.metrics_path, self.eval_path):
+            kept = [line for line in _read_jsonl(path) if line["epoch"] <= start_epoch]
+            if path.is_file():
+                path.write_text("".join(json.dumps(line) + "\n" for line in kept))
         self.images_dir = run_dir / "images"
         self._tensorboard = None
         self._wandb: Any = None

@@ -192,7 +192,12 @@ class Trainer:
             config.reward.server, config.reward.name, config.reward.token, config.reward.ca_file, config.reward.timeout
         )
         run_logger = RunLogger(
-            self.run_dir, to_dict(config), config.log.tensorboard, config.log.wandb, config.log.wandb_project
+            self.run_dir,
+            to_dict(config),
+            config.log.tensorboard,
+            config.log.wandb,
+            config.log.wandb_project,
+            self.start_epoch,
         )
         try:
             if self.eval_prompts and self.start_epoch == 0:
@@ -254,7 +259,7 @@ class Trainer:
             summary = result.summary()
             run_logger.log_eval(summary, result.images, result.prompts)
             logger.info(
-                "held-out evaluation after epoch %d: %s = %.4f ± %.4f over %d samples",
+                "held-out evaluation at epoch %d: %s = %.4f ± %.4f over %d samples",
                 epoch,
                 self.config.reward.name,
                 summary["reward_mean"],
