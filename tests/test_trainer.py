@@ -307,3 +307,24 @@ def test_image_grid_keeps_every_reward_readable() -> None:
     assert grid.size == (4 * 128, 2 * (128 + 12))  # 64 px images enlarged to 128 px, two rows of four
     assert _shorten(captions[0], 21) == "a hippopotam… | -3.01"
     assert _shorten("cat | -3.01", 21) == "cat | -3.01"
+
+
+@pytest.mark.slow
+def test_main_job_serves_trains_evaluates_and_stops_the_server(tmp_path: Path) -> None:
+    """scripts/demo.py, what `bash scripts/main.sh` runs after installing, for 2 epochs."""
+    done = subprocess.run(
+        [sys.executable, "scripts/demo.py", "--epochs", "2", "--run-dir", str(tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "held-out prompts, same noise before and after (36 images, jpeg_compressibility)" in done.stdout
+    assert "server stopped with SIGTERM, exit code 0" in done.stdout
+    evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    mean_line = next(line for line in done.stdout.splitlines() if line.startswith("mean "))
+    assert f"{evals[0]['reward_mean']:.4f}" in mean_line
+    assert f"{evals[-1]['reward_mean']:.4f}" in mean_line
+    assert (tmp_path / "run" / "reward_curve.png").is_file()
+    assert (tmp_path / "run" / "eval_before_after.png").is_file()
