@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from reward_server.rewards.aesthetic import Aesthetic
 from reward_server.rewards.base import ImageSpec, ItemError, Metadata, Reward, RewardOutput, RewardSpec
 from reward_server.rewards.jpeg import JpegSize
 
@@ -24,6 +25,7 @@ __all__ = [
 REWARD_TYPES: dict[str, Callable[..., Reward]] = {
     "jpeg_compressibility": lambda name: JpegSize(name, sign=-1),
     "jpeg_incompressibility": lambda name: JpegSize(name, sign=+1),
+    "aesthetic": Aesthetic,  # needs torch and transformers (the trainer extra)
 }
 
 
