@@ -9,6 +9,7 @@ from typing import Any
 from reward_server.rewards.aesthetic import Aesthetic
 from reward_server.rewards.base import ImageSpec, ItemError, Metadata, Reward, RewardOutput, RewardSpec
 from reward_server.rewards.jpeg import JpegSize
+from reward_server.rewards.llava import LlavaBertScore, LlavaVqa
 
 __all__ = [
     "REWARD_TYPES",
@@ -25,7 +26,10 @@ __all__ = [
 REWARD_TYPES: dict[str, Callable[..., Reward]] = {
     "jpeg_compressibility": lambda name: JpegSize(name, sign=-1),
     "jpeg_incompressibility": lambda name: JpegSize(name, sign=+1),
-    "aesthetic": Aesthetic,  # needs torch and transformers (the trainer extra)
+    # model rewards: torch and transformers (the rewards extra); weights load in ``Reward.load``
+    "aesthetic": Aesthetic,
+    "llava_bertscore": LlavaBertScore,
+    "llava_vqa": LlavaVqa,
 }
 
 
