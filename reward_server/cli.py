@@ -80,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 def _announce(server: RewardServer) -> None:
     print(
         f"ddpo reward server listening on {server.config.host}:{server.port} "
-        f"(rewards: {', '.join(sorted(server.workers))})",
+        f"(rewards, loading in the background: {', '.join(sorted(server.specs))})",
         flush=True,
     )
     if server.metrics_port is not None:

@@ -14,6 +14,7 @@ import dataclasses
 import hmac
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -29,16 +30,11 @@ from reward_server.batching import BatchingConfig, RewardWorker
 from reward_server.config import MiB, RewardConfig, ServerConfig
 from reward_server.metrics import ServerMetrics
 from reward_server.rewards import Reward, build_reward
-from reward_server.service import RewardServicer
+from reward_server.service import RewardServicer, reward_health_name
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
-
-
-def reward_health_name(reward: str) -> str:
-    """The health-check service name of one reward, e.g. "reward/jpeg_compressibility"."""
-    return f"reward/{reward}"
 
 
 def build_rewards(configs: Sequence[RewardConfig]) -> list[tuple[Reward, BatchingConfig]]:
@@ -97,29 +93,27 @@ class RewardServer:
             raise ValueError("no rewards to serve; name some with --rewards or in the config file")
         self.metrics = ServerMetrics()
         self.health = HealthServicer()
+        self.specs = {reward.spec.name: reward.spec for reward, _ in self._rewards}
         self.workers: dict[str, RewardWorker] = {}
+        # name -> why it cannot score yet: "is still loading", then removed, or "failed to load: ..."
+        self.unavailable: dict[str, str] = {name: "is still loading" for name in self.specs}
+        self.loaded = asyncio.Event()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
-        self._servicer = RewardServicer(self.workers, self.metrics)
+        self._servicer = RewardServicer(self.workers, self.specs, self.unavailable, self.metrics)
         self._metrics_http: Any = None
+        self._loading: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        for service in ("", SERVICE_NAME, *(reward_health_name(r.spec.name) for r, _ in self._rewards)):
+        """Bind and serve at once; rewards load in the background (``loaded`` is set when all have tried).
+
+        Health says NOT_SERVING for each reward until it has loaded, and for the server ("" and RewardService)
+        until every reward has loaded or failed. A reward that fails to load stays NOT_SERVING, its calls get
+        FAILED_PRECONDITION with the reason, the log says why, and the other rewards serve.
+        """
+        for service in ("", SERVICE_NAME, *(reward_health_name(name) for name in self.specs)):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        for reward, batching in self._rewards:
-            await asyncio.to_thread(reward.load)
-            worker = RewardWorker(reward, batching, self.metrics)
-            self.workers[reward.spec.name] = worker
-            log.info(
-                "reward loaded",
-                extra={
-                    "reward": reward.spec.name,
-                    "instances": worker.instances,
-                    "max_batch_size": worker.max_batch_size,
-                    "batching": dataclasses.asdict(batching),
-                },
-            )
         config = self.config
         max_bytes = config.max_message_mb * MiB
         interceptors = []
@@ -148,20 +142,55 @@ class RewardServer:
             self.metrics_port = self._metrics_http.server_port
         await server.start()
         self._server = server
-        for worker in self.workers.values():
-            worker.start()
-        for service in ("", SERVICE_NAME, *(reward_health_name(name) for name in self.workers)):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "serving",
+            "listening; rewards load in the background",
             extra={
                 "address": f"{config.host}:{self.port}",
-                "rewards": sorted(self.workers),
+                "rewards": sorted(self.specs),
                 "tls": config.tls_cert is not None,
                 "auth": config.auth_token_file is not None,
                 "metrics_port": self.metrics_port,
             },
         )
+        self._loading = asyncio.create_task(self._load_rewards(), name="load-rewards")
+
+    async def _load_rewards(self) -> None:
+        """Load the rewards one after another (no two models compete for memory), each off the event loop; each
+        serves as soon as it is ready."""
+        for reward, batching in self._rewards:
+            name = reward.spec.name
+            started = time.perf_counter()
+            try:
+                await asyncio.to_thread(reward.load)
+            except Exception as error:
+                self.unavailable[name] = f"failed to load: {type(error).__name__}: {error}"
+                log.error("reward failed to load", extra={"reward": name, "error": f"{type(error).__name__}: {error}"})
+                continue
+            worker = RewardWorker(reward, batching, self.metrics)
+            worker.start()
+            self.workers[name] = worker
+            del self.unavailable[name]
+            await self.health.set(reward_health_name(name), health_pb2.HealthCheckResponse.SERVING)
+            log.info(
+                "reward loaded",
+                extra={
+                    "reward": name,
+                    "load_s": round(time.perf_counter() - started, 3),
+                    "instances": worker.instances,
+                    "max_batch_size": worker.max_batch_size,
+                    "batching": dataclasses.asdict(batching),
+                },
+            )
+        if self.workers:
+            for service in ("", SERVICE_NAME):
+                await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"rewards": sorted(self.workers), "unavailable": dict(self.unavailable)})
+        self.loaded.set()
+
+    async def wait_loaded(self) -> dict[str, str]:
+        """Wait until every reward has loaded or failed; returns the failed ones with their reasons."""
+        await self.loaded.wait()
+        return dict(self.unavailable)
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then stop the workers.
@@ -172,6 +201,9 @@ class RewardServer:
         grace = self.config.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         log.info("shutting down", extra={"grace_s": grace})
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()  # a load already running in its thread finishes there, unused
+            await asyncio.gather(self._loading, return_exceptions=True)
         if not await self._servicer.drain(grace):
             log.warning("grace period over; cancelling the RPCs still running", extra={"grace_s": grace})
         if self._server is not None:

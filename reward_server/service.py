@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import NoReturn
 
 import grpc
@@ -28,9 +28,24 @@ log = logging.getLogger(__name__)
 _RESULTS_PER_STREAM_MESSAGE = 256
 
 
+def reward_health_name(reward: str) -> str:
+    """The health-check service name of one reward, e.g. "reward/jpeg_compressibility"."""
+    return f"reward/{reward}"
+
+
 class RewardServicer(pb_grpc.RewardServiceServicer):
-    def __init__(self, workers: dict[str, RewardWorker], metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        workers: Mapping[str, RewardWorker],
+        specs: Mapping[str, RewardSpec],
+        unavailable: Mapping[str, str],
+        metrics: ServerMetrics,
+    ) -> None:
+        """``workers``: the rewards ready to score; ``specs``: every configured reward; ``unavailable``: why the
+        others cannot score yet. The server updates all three as rewards load."""
         self._workers = workers
+        self._specs = specs
+        self._unavailable = unavailable
         self._metrics = metrics
         self._active = 0
         self._idle = asyncio.Event()
@@ -55,16 +70,15 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         self, request: pb.ListRewardsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRewardsResponse:
         async with self._track("ListRewards", context):
-            return pb.ListRewardsResponse(
-                rewards=[spec_to_proto(self._workers[name].reward.spec) for name in sorted(self._workers)]
-            )
+            return pb.ListRewardsResponse(rewards=[spec_to_proto(self._specs[name]) for name in sorted(self._specs)])
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         async with self._track("Score", context):
             started = time.perf_counter()
             worker = self._workers.get(request.reward)
             if worker is None:
-                await _abort(context, grpc.StatusCode.NOT_FOUND, self._unknown_reward(request.reward))
+                problem = self._not_ready(request.reward)
+                await _abort(context, problem.code, problem.message)
             valid, rejected = _validate(request.items, "items", worker.reward.spec, seen=set())
             results = {index: self._answer(worker.name, item_id, error, started) for index, item_id, error in rejected}
             try:
@@ -124,7 +138,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 arrived = time.perf_counter()
                 worker = self._workers.get(request.reward)
                 if worker is None:
-                    unknown = ItemError(grpc.StatusCode.NOT_FOUND, self._unknown_reward(request.reward))
+                    unknown = self._not_ready(request.reward)
                     for index, item in enumerate(request.items):
                         error = _id_error(item.id, f"{field}[{index}].id", seen) or unknown
                         answers.put_nowait(self._answer(request.reward, item.id, error, arrived))
@@ -149,10 +163,16 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
         return deliver
 
-    def _unknown_reward(self, reward: str) -> str:
+    def _not_ready(self, reward: str) -> ItemError:
+        """Why ``reward`` cannot score: still loading (UNAVAILABLE), failed to load, or not offered at all."""
+        offered = ", ".join(sorted(self._specs))
         if not reward:
-            return "reward is empty; name one of: " + ", ".join(sorted(self._workers))
-        return f"unknown reward {reward!r}; this server offers: {', '.join(sorted(self._workers))}"
+            return ItemError(grpc.StatusCode.NOT_FOUND, f"reward is empty; name one of: {offered}")
+        state = self._unavailable.get(reward)
+        if state is None:
+            return ItemError(grpc.StatusCode.NOT_FOUND, f"unknown reward {reward!r}; this server offers: {offered}")
+        code = grpc.StatusCode.UNAVAILABLE if state == "is still loading" else grpc.StatusCode.FAILED_PRECONDITION
+        return ItemError(code, f"reward {reward!r} {state} (health service {reward_health_name(reward)!r})")
 
     def _answer(self, reward: str, item_id: str, outcome: ItemOutcome | ItemError, arrived: float) -> pb.ScoreResult:
         """Turn one item's outcome into its result, and count it."""

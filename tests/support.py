@@ -112,7 +112,10 @@ class RejectPrompt(Reward):
 class ServerThread:
     """A real RewardServer on a free loopback port, running its own event loop in a background thread."""
 
-    def __init__(self, rewards: Sequence[Reward | tuple[Reward, BatchingConfig]], **config: Any) -> None:
+    def __init__(
+        self, rewards: Sequence[Reward | tuple[Reward, BatchingConfig]], wait_loaded: bool = True, **config: Any
+    ) -> None:
+        self._wait_loaded = wait_loaded
         self._rewards = [r if isinstance(r, tuple) else (r, BatchingConfig()) for r in rewards]
         self._config = ServerConfig(port=0, **config)
         self._started = threading.Event()
@@ -133,6 +136,8 @@ class ServerThread:
             self._stop = asyncio.Event()
             self.server = RewardServer(self._config, self._rewards)
             await self.server.start()
+            if self._wait_loaded:  # rewards load in the background; most tests start once all have tried
+                await self.server.wait_loaded()
             self._started.set()
             await self._stop.wait()
             await self.server.stop(grace=1.0)
@@ -159,8 +164,15 @@ class ServerThread:
 class ServerProcess:
     """``python -m reward_server`` (or another module) as a separate process on a free loopback port."""
 
-    def __init__(self, *args: str, module: str = "reward_server", command: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        module: str = "reward_server",
+        command: Sequence[str] | None = None,
+        wait_ready: bool = True,
+    ) -> None:
         self.command = [*(command or [sys.executable, "-m", module]), "--port", "0", *args]
+        self.wait_ready = wait_ready
         self.proc: subprocess.Popen[str] | None = None
         self.address = ""
         self.metrics_url = ""
@@ -181,6 +193,11 @@ class ServerProcess:
             raise RuntimeError(f"server did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
         if "--metrics-port" in self.command:
             self.metrics_url = self.proc.stdout.readline().split()[2]
+        if self.wait_ready:  # the server listens at once and loads its rewards in the background
+            from clients import RewardClient
+
+            with RewardClient(self.address) as client:
+                client.wait_ready(timeout=120)
         return self
 
     def terminate(self, timeout: float = 30) -> int:

@@ -3,6 +3,7 @@ reward failures, TLS and auth."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from clients import ItemResult, RewardClient, RewardServiceError
 from reward_server.batching import BatchingConfig
 from reward_server.rewards import build_reward
+from reward_server.rewards.jpeg import JpegSize
 from tests.support import BrokenReward, PromptLength, ServerProcess, ServerThread, SlowReward, mean_pixel
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -404,3 +406,57 @@ def test_tls_and_bearer_token(tmp_path: Path) -> None:
         with RewardClient(server.address, timeout=2) as plaintext, pytest.raises(RewardServiceError) as caught:
             plaintext.list_rewards()
         assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+class LoadsOnSignal(JpegSize):
+    """jpeg_compressibility under another name, whose load() waits for ``release`` and then fails if told to."""
+
+    def __init__(self, name: str, release: threading.Event, error: str | None = None) -> None:
+        super().__init__(name, sign=-1)
+        self.release = release
+        self.error = error
+
+    def load(self) -> None:
+        if not self.release.wait(30):
+            raise TimeoutError("the test never released the load")
+        if self.error:
+            raise RuntimeError(self.error)
+
+
+def test_rewards_load_in_the_background_and_a_failed_one_does_not_stop_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release = threading.Event()
+    slow = LoadsOnSignal("slow_model", release)
+    broken = LoadsOnSignal("broken_model", release, error="weights not found at /models/missing.safetensors")
+    image = np.zeros((8, 8, 3), np.uint8)
+    with ServerThread([slow, broken], wait_loaded=False) as server, RewardClient(server.address) as client:
+        # listening at once: health answers, the catalogue is complete, nothing scores yet
+        assert health_status(server.address, "reward/slow_model") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health_status(server.address, "") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert [info.name for info in client.list_rewards()] == ["broken_model", "slow_model"]
+        with pytest.raises(RewardServiceError) as loading:
+            client.score("slow_model", [image])
+        assert loading.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "'slow_model' is still loading (health service 'reward/slow_model')" in loading.value.message
+        with client.open_stream() as stream:  # in a stream, each item gets the same answer
+            stream.send("slow_model", [image, image], ids=["a", "b"])
+            stream.close()
+            assert {r.code for r in stream.results()} == {grpc.StatusCode.UNAVAILABLE}
+
+        release.set()
+        assert server.server is not None
+        future = asyncio.run_coroutine_threadsafe(server.server.wait_loaded(), server._loop)  # type: ignore[arg-type]
+        assert future.result(30) == {
+            "broken_model": "failed to load: RuntimeError: weights not found at /models/missing.safetensors"
+        }
+        client.wait_ready(timeout=10, rewards=["slow_model"])
+        assert health_status(server.address, "") == SERVING  # the server serves what loaded
+        assert health_status(server.address, "reward/broken_model") == health_pb2.HealthCheckResponse.NOT_SERVING
+        (scored,) = client.score("slow_model", [image]).items
+        assert scored.ok
+        with pytest.raises(RewardServiceError) as failed:
+            client.score("broken_model", [image])
+        assert failed.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "failed to load: RuntimeError: weights not found at /models/missing.safetensors" in failed.value.message
+    assert "reward failed to load" in caplog.text
