@@ -11,7 +11,7 @@ import torch
 
 from clients import RewardClient
 from reward_server.rewards import build_reward
-from reward_server.rewards.aesthetic import HEAD_FILE, HEAD_SHA256, Aesthetic, fetch_head, load_head
+from reward_server.rewards.aesthetic import HEAD_FILE, HEAD_SHA256, Aesthetic, clip_pixels, fetch_head, load_head
 from tests.support import ROOT, ServerProcess, ServerThread
 
 HEAD = ROOT.parent / "shared" / "assets" / "laion-aesthetic-v2" / HEAD_FILE
@@ -123,3 +123,16 @@ def test_ddpo_serve_builds_the_aesthetic_reward_from_its_config_file(
     with ServerProcess("--config", str(config)) as server, RewardClient(server.address) as client:
         batch = client.score("aesthetic", list(photo_batch))
     np.testing.assert_allclose([item.score for item in batch.items], expected, rtol=1e-5)
+
+
+def test_clip_pixels_match_the_clip_image_processor(photos: dict[str, npt.NDArray[np.uint8]]) -> None:
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor()  # OpenAI CLIP's settings
+    images = [*photos.values(), next(iter(photos.values()))[:97, :131]]  # landscape, portrait, square, small
+    reference = processor(images=images, return_tensors="pt")["pixel_values"]
+    ours = clip_pixels(images, processor, "cpu")
+    assert ours.shape == reference.shape == (len(images), 3, 224, 224)
+    difference = (ours - reference).abs()
+    assert float(difference.mean()) < 0.01  # under one uint8 level (0.015 after normalisation)
+    assert float(difference.amax(dim=(1, 2, 3)).max()) < 0.15  # bicubic kernels differ a little at sharp edges
