@@ -9,10 +9,11 @@ patch 32, ``--width`` 256, ``--layers`` 4, ViT-L/14's 768-d projection) and the 
 reward server runs as a separate process (``python -m reward_server --config ...`` on a free loopback port), once
 per mode, with one instance:
 
-- ``batched``: ``max_batch_size = --max-batch-size`` (16), ``max_queue_delay_ms = --max-queue-delay-ms`` (5);
+- ``batched``: ``max_batch_size = --max-batch-size`` (16), ``max_queue_delay_ms = --max-queue-delay-ms`` (10);
 - ``unbatched``: ``max_batch_size = 1``: every request is its own forward pass.
 
-Each of ``--clients`` threads sends ``--requests`` unary Score calls of one 256x256 photograph, one after another.
+Each of ``--clients`` concurrent callers (asyncio tasks) sends ``--requests`` unary Score calls of one 256x256
+photograph, one after another.
 The figure is images per second over the whole run (first request sent to last answer received), after one warm-up
 request per client; the server's batch-size histogram (Prometheus ``/metrics``) gives the mean batch. The modes take
 turns, swapping order every repeat. The last line is the ratio of median throughputs, batched / unbatched.
@@ -21,6 +22,7 @@ turns, swapping order every repeat. The last line is the ratio of median through
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import itertools
 import os
@@ -28,7 +30,6 @@ import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -40,7 +41,6 @@ if str(ROOT) not in sys.path:  # run as `python bench/batching.py` from anywhere
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from clients import RewardClient  # noqa: E402
 from reward_server.rewards.aesthetic import HEAD_FILE, HEAD_SHA256  # noqa: E402
 from tests.support import ServerProcess  # noqa: E402
 
@@ -100,30 +100,33 @@ def mean_batch(metrics_url: str) -> float:
 
 
 def run_clients(address: str, image: np.ndarray, clients: int, requests: int) -> float:
-    """Images per second for ``clients`` threads each sending ``requests`` single-image calls."""
-    barrier = threading.Barrier(clients + 1)
-    errors: list[str] = []
+    """Images per second for ``clients`` concurrent callers each sending ``requests`` single-image calls, one after
+    another. The callers are asyncio tasks on one channel (``AsyncRewardClient``), so that the benchmark's own
+    process spends little CPU on the 2 cores it shares with the server."""
+    from clients.aio import AsyncRewardClient
 
-    def client_loop() -> None:
-        with RewardClient(address) as client:
-            client.score("aesthetic", [image])  # warm-up: connection and first batch
-            barrier.wait()
-            for _ in range(requests):
-                (result,) = client.score("aesthetic", [image]).items
-                if not result.ok:
-                    errors.append(result.message)
+    async def run() -> float:
+        async with AsyncRewardClient(address) as client:
 
-    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise RuntimeError(f"{len(errors)} items failed, first: {errors[0]}")
-    return clients * requests / elapsed
+            async def caller() -> list[str]:
+                failures = []
+                for _ in range(requests):
+                    (result,) = (await client.score("aesthetic", [image])).items
+                    if not result.ok:
+                        failures.append(result.message)
+                return failures
+
+            await asyncio.gather(*(client.score("aesthetic", [image]) for _ in range(clients)))  # warm-up
+            started = time.perf_counter()
+            failures = [
+                message for found in await asyncio.gather(*(caller() for _ in range(clients))) for message in found
+            ]
+            elapsed = time.perf_counter() - started
+        if failures:
+            raise RuntimeError(f"{len(failures)} items failed, first: {failures[0]}")
+        return clients * requests / elapsed
+
+    return asyncio.run(run())
 
 
 def main() -> None:
@@ -132,7 +135,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=24, help="calls per client and run")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
+    parser.add_argument("--max-queue-delay-ms", type=float, default=10.0)
     parser.add_argument("--width", type=int, default=256, help="the CLIP tower's hidden size")
     parser.add_argument("--layers", type=int, default=4, help="the CLIP tower's transformer layers")
     args = parser.parse_args()
