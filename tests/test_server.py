@@ -172,8 +172,13 @@ def test_concurrent_items_are_micro_batched_and_errors_stay_per_item() -> None:
         ThreadPoolExecutor(12) as pool,
     ):
         batches = list(pool.map(lambda i: _score_or_error(server.address, i), range(12)))
+        assert server.server is not None
+        registry, labels = server.server.metrics.registry, {"reward": slow.spec.name}
+        scored = registry.get_sample_value("ddpo_reward_batch_size_sum", labels)
+        batch_count = registry.get_sample_value("ddpo_reward_batch_size_count", labels)
     assert max(slow.batch_sizes) > 1, slow.batch_sizes  # several calls shared one batch
     assert sum(slow.batch_sizes) == 11  # the invalid item never reached the reward
+    assert (scored, batch_count) == (11, len(slow.batch_sizes))  # the batch-size metric shows the same
     for index, outcome in enumerate(batches):
         if index == 5:
             assert outcome == "INVALID_ARGUMENT"
