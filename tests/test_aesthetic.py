@@ -104,6 +104,8 @@ def test_bad_options_are_refused() -> None:
         build_reward("aesthetic", options={"model": "x"})
     with pytest.raises(ValueError, match="float16 needs a GPU"):
         Aesthetic("aesthetic", dtype="float16")
+    with pytest.raises(ValueError, match="dtype must be one of float32, float16, bfloat16, got 'float64'"):
+        Aesthetic("aesthetic", dtype="float64")
     with pytest.raises(RuntimeError, match="not loaded"):
         Aesthetic("aesthetic").embed([np.zeros((8, 8, 3), np.uint8)])
 

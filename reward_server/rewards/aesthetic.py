@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from reward_server.rewards.base import ImageSpec, Metadata, Reward, RewardOutput, RewardSpec
+from reward_server.rewards.base import ImageSpec, Metadata, Reward, RewardOutput, RewardSpec, check_placement
 
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 HEAD_URL = f"https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/{HEAD_FILE}"
@@ -158,10 +158,7 @@ class Aesthetic(Reward):
         device: str = "cpu",
         dtype: str = "float32",
     ) -> None:
-        if dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
-        if dtype == "float16" and device == "cpu":
-            raise ValueError("dtype float16 needs a GPU device (cuda:N); use float32 or bfloat16 on the CPU")
+        check_placement(device, dtype)
         self.clip_model = clip_model
         self.head_path = head_path
         self.head_url = head_url

@@ -138,3 +138,14 @@ class Reward(abc.ABC):
         metadata: Sequence[Metadata],
     ) -> RewardOutput:
         """Score one batch; the three sequences have the same length."""
+
+
+MODEL_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_placement(device: str, dtype: str) -> None:
+    """Validate a model reward's ``device`` and ``dtype`` options before anything loads."""
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(MODEL_DTYPES)}, got {dtype!r}")
+    if dtype == "float16" and device == "cpu":
+        raise ValueError("dtype float16 needs a GPU device (cuda:N); use float32 or bfloat16 on the CPU")

@@ -21,14 +21,21 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from reward_server.rewards.base import ImageSpec, ItemError, Metadata, Reward, RewardOutput, RewardSpec
+from reward_server.rewards.base import (
+    ImageSpec,
+    ItemError,
+    Metadata,
+    Reward,
+    RewardOutput,
+    RewardSpec,
+    check_placement,
+)
 
 logger = logging.getLogger(__name__)
 
 LLAVA_MODEL = "llava-hf/llava-1.5-7b-hf"
 BERTSCORE_MODEL = "microsoft/deberta-xlarge-mnli"
 CAPTION_QUESTION = "What is going on in this image? Answer concisely."
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 class LlavaAnswerer:
@@ -37,10 +44,7 @@ class LlavaAnswerer:
     def __init__(self, model: str, max_new_tokens: int, device: str, dtype: str) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if dtype == "float16" and device == "cpu":
-            raise ValueError("dtype float16 needs a GPU device (cuda:N); use float32 or bfloat16 on the CPU")
+        check_placement(device, dtype)
         self.model_id = model
         self.max_new_tokens = max_new_tokens
         self.device = device
