@@ -72,7 +72,7 @@ class AsyncRewardClient(ChannelOwner):
 
     async def list_rewards(self, timeout: float | None = None) -> list[RewardInfo]:
         response = await self._call("ListRewards", self._stub.ListRewards, pb.ListRewardsRequest(), timeout)
-        return [RewardInfo.from_proto(spec) for spec in response.rewards]
+        return RewardInfo.from_listing(response)
 
     async def score(
         self,

@@ -78,7 +78,7 @@ class RewardClient(ChannelOwner):
 
     def list_rewards(self, timeout: float | None = None) -> list[RewardInfo]:
         response = self._call("ListRewards", self._stub.ListRewards, pb.ListRewardsRequest(), timeout)
-        return [RewardInfo.from_proto(spec) for spec in response.rewards]
+        return RewardInfo.from_listing(response)
 
     def score(
         self,

@@ -48,9 +48,11 @@ class RewardInfo:
     min_size: tuple[int, int]  # (height, width)
     max_size: tuple[int, int]
     component_names: tuple[str, ...]
+    load_error: str = ""
+    """Why the server could not load this reward ("" if it has loaded or is still loading)."""
 
     @classmethod
-    def from_proto(cls, spec: pb.RewardSpec) -> RewardInfo:
+    def from_proto(cls, spec: pb.RewardSpec, load_error: str = "") -> RewardInfo:
         image = spec.image_spec
         return cls(
             name=spec.name,
@@ -63,7 +65,12 @@ class RewardInfo:
             min_size=(image.min_height, image.min_width),
             max_size=(image.max_height, image.max_width),
             component_names=tuple(spec.component_names),
+            load_error=load_error,
         )
+
+    @classmethod
+    def from_listing(cls, response: pb.ListRewardsResponse) -> list[RewardInfo]:
+        return [cls.from_proto(spec, response.load_errors.get(spec.name, "")) for spec in response.rewards]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ from reward_server.batching import BatchingConfig, RewardWorker
 from reward_server.config import MiB, RewardConfig, ServerConfig
 from reward_server.metrics import ServerMetrics
 from reward_server.rewards import Reward, build_reward
-from reward_server.service import RewardServicer, reward_health_name
+from reward_server.service import LOADING, RewardServicer, reward_health_name
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class RewardServer:
         self.specs = {reward.spec.name: reward.spec for reward, _ in self._rewards}
         self.workers: dict[str, RewardWorker] = {}
         # name -> why it cannot score yet: "is still loading", then removed, or "failed to load: ..."
-        self.unavailable: dict[str, str] = {name: "is still loading" for name in self.specs}
+        self.unavailable: dict[str, str] = {name: LOADING for name in self.specs}
         self.loaded = asyncio.Event()
         self.port: int | None = None
         self.metrics_port: int | None = None

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 _RESULTS_PER_STREAM_MESSAGE = 256
 
 
+LOADING = "is still loading"  # the state of a reward whose load has not finished; any other state is a failure
+
+
 def reward_health_name(reward: str) -> str:
     """The health-check service name of one reward, e.g. "reward/jpeg_compressibility"."""
     return f"reward/{reward}"
@@ -70,7 +73,10 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         self, request: pb.ListRewardsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRewardsResponse:
         async with self._track("ListRewards", context):
-            return pb.ListRewardsResponse(rewards=[spec_to_proto(self._specs[name]) for name in sorted(self._specs)])
+            return pb.ListRewardsResponse(
+                rewards=[spec_to_proto(self._specs[name]) for name in sorted(self._specs)],
+                load_errors={name: state for name, state in self._unavailable.items() if state != LOADING},
+            )
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         async with self._track("Score", context):
@@ -171,7 +177,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         state = self._unavailable.get(reward)
         if state is None:
             return ItemError(grpc.StatusCode.NOT_FOUND, f"unknown reward {reward!r}; this server offers: {offered}")
-        code = grpc.StatusCode.UNAVAILABLE if state == "is still loading" else grpc.StatusCode.FAILED_PRECONDITION
+        code = grpc.StatusCode.UNAVAILABLE if state == LOADING else grpc.StatusCode.FAILED_PRECONDITION
         return ItemError(code, f"reward {reward!r} {state} (health service {reward_health_name(reward)!r})")
 
     def _answer(self, reward: str, item_id: str, outcome: ItemOutcome | ItemError, arrived: float) -> pb.ScoreResult:

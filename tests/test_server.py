@@ -456,6 +456,11 @@ def test_rewards_load_in_the_background_and_a_failed_one_does_not_stop_the_other
             "broken_model": "failed to load: RuntimeError: weights not found at /models/missing.safetensors"
         }
         client.wait_ready(timeout=10, rewards=["slow_model"])
+        load_errors = {info.name: info.load_error for info in client.list_rewards()}
+        assert load_errors == {
+            "broken_model": "failed to load: RuntimeError: weights not found at /models/missing.safetensors",
+            "slow_model": "",
+        }
         assert health_status(server.address, "") == SERVING  # the server serves what loaded
         assert health_status(server.address, "reward/broken_model") == health_pb2.HealthCheckResponse.NOT_SERVING
         (scored,) = client.score("slow_model", [image]).items

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from reward_server.rewards.jpeg import JpegSize
 from tests.support import ROOT, RejectPrompt, ServerProcess, ServerThread
 from trainer.config import load_config
 from trainer.prompts import load_prompts
-from trainer.rewards import RewardError
+from trainer.rewards import RewardError, connect
 from trainer.sampling import load_pipeline
 from trainer.tiny import build_tiny_pipeline
 from trainer.tracking import _shorten, image_grid
@@ -328,3 +329,21 @@ def test_main_job_serves_trains_evaluates_and_stops_the_server(tmp_path: Path) -
     assert f"{evals[-1]['reward_mean']:.4f}" in mean_line
     assert (tmp_path / "run" / "reward_curve.png").is_file()
     assert (tmp_path / "run" / "eval_before_after.png").is_file()
+
+
+class FailsToLoad(JpegSize):
+    def load(self) -> None:
+        raise OSError("no weights at /models/reward")
+
+
+def test_connect_names_a_missing_reward_or_the_reason_it_failed_to_load() -> None:
+    with ServerThread([JpegSize("jpeg_compressibility", sign=-1), FailsToLoad("broken", sign=-1)]) as server:
+        with pytest.raises(RewardError, match=r"reward 'nope' is not offered by .*; it offers: broken, jpeg_comp"):
+            connect(server.address, "nope", None, None, timeout=10)
+        started = time.monotonic()
+        with pytest.raises(
+            RewardError, match=r"reward 'broken' could not be loaded by .*: failed to load: OSError: no weights at"
+        ):
+            connect(server.address, "broken", None, None, timeout=60)
+        assert time.monotonic() - started < 30  # at once, not after waiting for a health that never comes
+        connect(server.address, "jpeg_compressibility", None, None, timeout=10).close()

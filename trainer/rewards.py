@@ -31,6 +31,8 @@ def connect(server: str, reward: str, token: str | None, ca_file: str | None, ti
         offered = {info.name: info for info in client.list_rewards()}
         if reward not in offered:
             raise RewardError(f"reward {reward!r} is not offered by {server}; it offers: {', '.join(sorted(offered))}")
+        if offered[reward].load_error:
+            raise RewardError(f"reward {reward!r} could not be loaded by {server}: {offered[reward].load_error}")
         if not offered[reward].higher_is_better:
             raise RewardError(
                 f"reward {reward!r} is lower-is-better; DDPO maximises its reward, so serve a negated version of it"

@@ -40,10 +40,19 @@ class ListRewardsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListRewardsResponse(_message.Message):
-    __slots__ = ("rewards",)
+    __slots__ = ("rewards", "load_errors")
+    class LoadErrorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REWARDS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ERRORS_FIELD_NUMBER: _ClassVar[int]
     rewards: _containers.RepeatedCompositeFieldContainer[RewardSpec]
-    def __init__(self, rewards: _Optional[_Iterable[_Union[RewardSpec, _Mapping]]] = ...) -> None: ...
+    load_errors: _containers.ScalarMap[str, str]
+    def __init__(self, rewards: _Optional[_Iterable[_Union[RewardSpec, _Mapping]]] = ..., load_errors: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RewardSpec(_message.Message):
     __slots__ = ("name", "description", "version", "units", "direction", "requires_prompt", "image_spec", "component_names")
