@@ -163,8 +163,9 @@ class RewardServer:
             try:
                 await asyncio.to_thread(reward.load)
             except Exception as error:
-                self.unavailable[name] = f"failed to load: {type(error).__name__}: {error}"
-                log.error("reward failed to load", extra={"reward": name, "error": f"{type(error).__name__}: {error}"})
+                reason = f"{type(error).__name__}: {error}"
+                self.unavailable[name] = f"failed to load: {reason}"
+                log.error("reward failed to load", extra={"reward": name, "error": reason})
                 continue
             worker = RewardWorker(reward, batching, self.metrics)
             worker.start()

@@ -11,12 +11,16 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from clients import ItemResult, RewardClient, RewardServiceError
+
+if TYPE_CHECKING:
+    from trainer.sampling import SampleBatch
 
 
 class RewardError(RuntimeError):
@@ -63,10 +67,14 @@ class EpochRewards:
     and sent only by ``collect``, which is the no-overlap baseline that ``bench/epoch.py`` compares against.
     """
 
-    def __init__(self, client: RewardClient, reward: str, timeout: float, on_error: str, stream: bool = True) -> None:
+    def __init__(
+        self, client: RewardClient, reward: str, timeout: float, on_error: str, what: str, stream: bool = True
+    ) -> None:
+        """``what`` names the samples in errors, e.g. "epoch 3"."""
         if on_error not in ("fail", "drop"):
             raise ValueError(f"on_error must be 'fail' or 'drop', got {on_error!r}")
         self.reward = reward
+        self.what = what
         self.on_error = on_error
         self._streaming = stream
         self._held: list[tuple[npt.NDArray[np.uint8], list[str], list[str]]] = []
@@ -94,8 +102,21 @@ class EpochRewards:
         else:
             self._held.append((images, list(prompts), ids))
 
+    def stream(self, batches: Iterable[SampleBatch]) -> list[SampleBatch]:
+        """Submit each batch as the iterable yields it; given a lazy sampler, scoring overlaps the next batch's
+        sampling. If sampling fails, the stream is cancelled. Returns the batches, in order."""
+        sampled = []
+        try:
+            for batch in batches:
+                self.submit(batch.images, batch.prompts)
+                sampled.append(batch)
+        except BaseException:
+            self.cancel()
+            raise
+        return sampled
+
     def collect(self) -> EpochScores:
-        """Close the stream and wait for every answer; RewardError per the on_error policy."""
+        """Close the stream and wait for every answer; RewardError per the on_error policy, or if no item was scored."""
         started = time.perf_counter()
         ready_frac = len(self._answers) / max(1, len(self._prompts))
         for images, prompts, ids in self._held:
@@ -117,9 +138,10 @@ class EpochRewards:
                 f"(prompt {self._prompts[int(first.id)]!r}): {first.code.name}: {first.message}. "
                 "Pass --on-reward-error=drop to train on the items that were scored."
             )
-        return EpochScores(
-            scores=scores, kept=~np.isnan(scores), failures=failures, wait_s=wait_s, ready_frac=ready_frac
-        )
+        kept = ~np.isnan(scores)
+        if not kept.any():
+            raise RewardError(f"reward {self.reward!r} failed for every item of {self.what}")
+        return EpochScores(scores=scores, kept=kept, failures=failures, wait_s=wait_s, ready_frac=ready_frac)
 
     def cancel(self) -> None:
         self._stream.cancel()

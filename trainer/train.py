@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,10 @@ from trainer.checkpoint import (
 )
 from trainer.config import Config, to_dict
 from trainer.ddim import DDIMStepOutput
-from trainer.evaluate import evaluate, evaluation_prompts
+from trainer.evaluate import EvalResult, evaluation_prompts
 from trainer.export import export_final
 from trainer.prompts import PromptSampler, load_prompts
-from trainer.rewards import EpochRewards, RewardError, connect
+from trainer.rewards import EpochRewards, connect
 from trainer.sampling import SampleBatch, encode_prompts, load_pipeline, policy_step, sample_batch
 from trainer.tracking import RunLogger, before_after_grid, plot_rewards
 
@@ -245,69 +245,66 @@ class Trainer:
         """Score the held-out prompts with fixed noise (``trainer.evaluate``), on the main process only."""
         if self.accelerator.is_main_process:
             self.unet.eval()
-            with self.accelerator.autocast():
-                result = evaluate(
-                    self.pipeline,
-                    self.accelerator.unwrap_model(self.unet),
-                    self.eval_prompts,
-                    self.negative_embeds,
-                    client,
-                    self.config,
-                    epoch,
-                    self.device,
-                )
+            size, r = self.config.sample.batch_size, self.config.reward
+            prompt_batches = [self.eval_prompts[i : i + size] for i in range(0, len(self.eval_prompts), size)]
+            generator = torch.Generator().manual_seed(self.config.eval.seed)  # the same noise at every evaluation
+            what = f"the held-out evaluation at epoch {epoch}"
+            rewards = EpochRewards(client, r.name, r.timeout, r.on_error, what)
+            batches = rewards.stream(self.sample(self.accelerator.unwrap_model(self.unet), prompt_batches, generator))
+            images = np.concatenate([batch.images for batch in batches])
+            result = EvalResult(epoch, self.eval_prompts, images, rewards.collect().scores)
             summary = result.summary()
             run_logger.log_eval(summary, result.images, result.prompts)
             logger.info(
                 "held-out evaluation at epoch %d: %s = %.4f ± %.4f over %d samples",
                 epoch,
-                self.config.reward.name,
+                r.name,
                 summary["reward_mean"],
                 summary["reward_std"],
                 summary["samples"],
             )
         self.accelerator.wait_for_everyone()
 
+    def sample(
+        self, unet: torch.nn.Module, prompt_batches: Iterable[list[str]], generator: torch.Generator
+    ) -> Iterator[SampleBatch]:
+        """One sampled batch per list of prompts, with the configured sampler, yielded as soon as it is decoded."""
+        c = self.config.sample
+        for prompts in prompt_batches:
+            with self.accelerator.autocast():
+                yield sample_batch(
+                    self.pipeline,
+                    unet,
+                    prompts,
+                    self.negative_embeds,
+                    c.num_steps,
+                    c.guidance_scale,
+                    c.eta,
+                    generator,
+                    self.device,
+                )
+
     def run_epoch(self, epoch: int, client: RewardClient, run_logger: RunLogger) -> dict[str, Any]:
         config = self.config
         #################### SAMPLING (rewards stream to the service meanwhile) ####################
         started = time.perf_counter()
         self.unet.eval()
-        rewards = EpochRewards(
-            client, config.reward.name, config.reward.timeout, config.reward.on_error, config.reward.stream
-        )
-        batches: list[SampleBatch] = []
-        try:
+        r = config.reward
+        rewards = EpochRewards(client, r.name, r.timeout, r.on_error, f"epoch {epoch + 1}", r.stream)
+        prompt_batches = (
+            self.prompts.sample(config.sample.batch_size, config.sample.images_per_prompt)
             for _ in tqdm(
                 range(config.sample.num_batches_per_epoch),
                 desc=f"epoch {epoch + 1}/{config.num_epochs}: sampling",
                 disable=not self.accelerator.is_local_main_process,
                 leave=False,
-            ):
-                prompts = self.prompts.sample(config.sample.batch_size, config.sample.images_per_prompt)
-                with self.accelerator.autocast():
-                    batch = sample_batch(
-                        self.pipeline,
-                        self.unet,
-                        prompts,
-                        self.negative_embeds,
-                        config.sample.num_steps,
-                        config.sample.guidance_scale,
-                        config.sample.eta,
-                        self.generators["sampling"],
-                        self.device,
-                    )
-                rewards.submit(batch.images, batch.prompts)  # returns at once: scoring overlaps the next batch
-                batches.append(batch)
-        except BaseException:
-            rewards.cancel()
-            raise
+            )
+        )
+        batches = rewards.stream(self.sample(self.unet, prompt_batches, self.generators["sampling"]))
         sample_s = time.perf_counter() - started
 
         #################### REWARDS ####################
         scores = rewards.collect()
-        if not scores.kept.any():
-            raise RewardError(f"reward {config.reward.name!r} failed for every item of epoch {epoch + 1}")
         data = self._epoch_data(batches, scores.scores, scores.kept)
         if config.log.images_every and (epoch + 1) % config.log.images_every == 0:
             count = min(config.log.grid_size, len(data))
