@@ -84,13 +84,13 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             worker = self._workers.get(request.reward)
             if worker is None:
                 problem = self._not_ready(request.reward)
-                await _abort(context, problem.code, problem.message)
+                raise _CallFailed(problem.code, problem.message)
             valid, rejected = _validate(request.items, "items", worker.reward.spec, seen=set())
             results = {index: self._answer(worker.name, item_id, error, started) for index, item_id, error in rejected}
             try:
                 futures = await worker.submit_nowait([decoded for _, decoded in valid])
             except QueueFull as full:
-                await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(full))
+                raise _CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(full)) from full
             try:
                 outcomes = await asyncio.gather(*futures)
             finally:
@@ -193,30 +193,44 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
     @contextlib.asynccontextmanager
     async def _track(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Count the RPC by its final status code, and track it for draining."""
+        """Count the RPC by its final status code, track it for draining, and fail it on ``_CallFailed``.
+
+        ``context.abort`` sends the status before it raises, so a failure is counted before it is sent: a client
+        that reads the metrics right after its error must see it."""
         if self._draining:
             self._metrics.requests.labels(method, "UNAVAILABLE").inc()
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        code = "OK"
+        code: str | None = "OK"  # None once counted
         self._active += 1
         self._idle.clear()
         try:
             yield
+        except _CallFailed as failure:
+            self._metrics.requests.labels(method, failure.code.name).inc()
+            code = None
+            await _abort(context, failure.code, failure.message)
         except asyncio.CancelledError:
             code = "DEADLINE_EXCEEDED" if (context.time_remaining() or 1.0) <= 0 else "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            code = context.code().name if context.code() is not None else "UNKNOWN"
             raise
         except Exception:
             code = "UNKNOWN"
             log.exception("unhandled error in RPC", extra={"method": method})
             raise
         finally:
-            self._metrics.requests.labels(method, code).inc()
+            if code is not None:
+                self._metrics.requests.labels(method, code).inc()
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
+
+
+class _CallFailed(Exception):
+    """Raised inside ``_track`` to fail the whole RPC with ``code``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
