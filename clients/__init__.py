@@ -7,10 +7,13 @@ with RewardClient("127.0.0.1:50051") as client:
 
 from clients.aio import AsyncRewardClient, AsyncScoreStream
 from clients.client import RewardClient, ScoreStream
+from clients.connect import AnyRewardClient, open_client
 from clients.errors import ItemsFailedError, RewardServiceError
+from clients.triton import TritonRewardClient, TritonScoreStream
 from clients.types import BatchResult, EncodedImage, ItemResult, RewardInfo, ScoreItem
 
 __all__ = [
+    "AnyRewardClient",
     "AsyncRewardClient",
     "AsyncScoreStream",
     "BatchResult",
@@ -22,4 +25,7 @@ __all__ = [
     "RewardServiceError",
     "ScoreItem",
     "ScoreStream",
+    "TritonRewardClient",
+    "TritonScoreStream",
+    "open_client",
 ]

@@ -12,8 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clients._wire import parse_target
-from clients.client import RewardClient
+from clients.connect import check_address, open_client
 from clients.errors import RewardServiceError
 from clients.types import EncodedImage, ItemResult
 
@@ -26,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ddpo score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="PNG or JPEG images")
-    parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT, grpc://HOST:PORT or grpcs://...")
+    parser.add_argument(
+        "--server", default="127.0.0.1:50051", help="HOST:PORT, grpc://HOST:PORT, grpcs://... or triton://HOST:PORT"
+    )
     parser.add_argument("--reward", required=True, help="reward name (see the server's ListRewards)")
     parser.add_argument("--prompt", help="prompt sent with every image (for rewards that need one)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         token = args.auth_token_file.read_text().strip() if args.auth_token_file else None
-        parse_target(args.server)
+        check_address(args.server)
     except (OSError, ValueError) as error:
         parser.error(str(error))
     images: dict[Path, EncodedImage] = {}
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[Path, ItemResult] = {}
     if images:
         try:
-            with RewardClient(
+            with open_client(
                 args.server,
                 timeout=args.timeout,
                 tls=args.tls or None,

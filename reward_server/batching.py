@@ -16,9 +16,11 @@ import logging
 import time
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 
 from reward_server.metrics import ServerMetrics
-from reward_server.rewards import ItemError, Reward, RewardOutput
+from reward_server.rewards import ItemError, Metadata, Reward, RewardOutput
 from reward_server.wire import DecodedItem
 
 log = logging.getLogger(__name__)
@@ -182,16 +184,26 @@ class RewardWorker:
             self._slots.release()
 
     def _score_in_thread(self, items: list[DecodedItem]) -> list[ItemOutcome]:
-        try:
-            output = self.reward.score([i.image for i in items], [i.prompt for i in items], [i.metadata for i in items])
-        except Exception as error:
-            log.exception("reward failed on a batch", extra={"reward": self.name, "batch_size": len(items)})
-            failure = ItemError(
-                grpc.StatusCode.INTERNAL,
-                f"reward {self.name!r} failed on a batch of {len(items)}: {type(error).__name__}: {error}",
-            )
-            return [ItemOutcome(failure)] * len(items)
-        return outcomes_from_output(output, len(items), self.name)
+        return score_items(
+            self.reward, [i.image for i in items], [i.prompt for i in items], [i.metadata for i in items]
+        )
+
+
+def score_items(
+    reward: Reward, images: list[npt.NDArray[np.uint8]], prompts: list[str | None], metadata: list[Metadata]
+) -> list[ItemOutcome]:
+    """Score validated items in one ``Reward.score`` call; a reward that raises fails every item with INTERNAL."""
+    name = reward.spec.name
+    try:
+        output = reward.score(images, prompts, metadata)
+    except Exception as error:
+        log.exception("reward failed on a batch", extra={"reward": name, "batch_size": len(images)})
+        failure = ItemError(
+            grpc.StatusCode.INTERNAL,
+            f"reward {name!r} failed on a batch of {len(images)}: {type(error).__name__}: {error}",
+        )
+        return [ItemOutcome(failure)] * len(images)
+    return outcomes_from_output(output, len(images), name)
 
 
 def outcomes_from_output(output: RewardOutput, batch_size: int, reward: str) -> list[ItemOutcome]:

@@ -60,21 +60,27 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         )
         if getattr(args, name) is not None
     }
-    rewards = config.rewards
-    if args.rewards is not None or not rewards:
-        names = [n.strip() for n in (args.rewards or ",".join(DEFAULT_REWARDS)).split(",") if n.strip()]
-        if not names:
-            raise ConfigError("--rewards is empty; name at least one reward")
-        configured = {r.name: r for r in config.rewards}
-        unknown = [n for n in names if n not in configured and n not in REWARD_TYPES]
-        if unknown:
-            raise ConfigError(
-                f"--rewards: unknown reward(s) {', '.join(unknown)}; known types: "
-                f"{', '.join(sorted(REWARD_TYPES))}"
-                + (f"; configured: {', '.join(sorted(configured))}" if configured else "")
-            )
-        rewards = tuple(configured.get(n) or RewardConfig(name=n, type=n) for n in names)
+    rewards = select_rewards(config, args.rewards)
     return dataclasses.replace(config, rewards=rewards, **overrides)
+
+
+def select_rewards(config: ServerConfig, names_flag: str | None) -> tuple[RewardConfig, ...]:
+    """The rewards ``--rewards`` names (each configured in ``config`` or by type with default settings), else the
+    config's rewards, else the defaults."""
+    if names_flag is None and config.rewards:
+        return config.rewards
+    names = [n.strip() for n in (names_flag or ",".join(DEFAULT_REWARDS)).split(",") if n.strip()]
+    if not names:
+        raise ConfigError("--rewards is empty; name at least one reward")
+    configured = {r.name: r for r in config.rewards}
+    unknown = [n for n in names if n not in configured and n not in REWARD_TYPES]
+    if unknown:
+        raise ConfigError(
+            f"--rewards: unknown reward(s) {', '.join(unknown)}; known types: "
+            f"{', '.join(sorted(REWARD_TYPES))}"
+            + (f"; configured: {', '.join(sorted(configured))}" if configured else "")
+        )
+    return tuple(configured.get(n) or RewardConfig(name=n, type=n) for n in names)
 
 
 def _announce(server: RewardServer) -> None:

@@ -119,13 +119,18 @@ def decode_item(item: pb.Item, field: str, spec: RewardSpec) -> DecodedItem:
             f"image.encoded (PNG/JPEG bytes)"
         )
     prompt = item.prompt if item.HasField("prompt") else None
-    if spec.requires_prompt and not prompt:
-        raise ItemInvalid(
-            f"{field}.prompt is {'empty' if prompt == '' else 'missing'}; reward {spec.name!r} "
-            f"requires the prompt the image was generated from"
-        )
+    check_prompt(prompt, f"{field}.prompt", spec)
     metadata = json_format.MessageToDict(item.metadata) if item.HasField("metadata") else {}
     return DecodedItem(id=item.id, image=image, prompt=prompt, metadata=metadata)
+
+
+def check_prompt(prompt: str | None, field: str, spec: RewardSpec) -> None:
+    """Raise ItemInvalid if ``spec`` needs a prompt and ``prompt`` (found at ``field``) is missing or empty."""
+    if spec.requires_prompt and not prompt:
+        raise ItemInvalid(
+            f"{field} is {'empty' if prompt == '' else 'missing'}; reward {spec.name!r} "
+            f"requires the prompt the image was generated from"
+        )
 
 
 def spec_to_proto(spec: RewardSpec) -> pb.RewardSpec:

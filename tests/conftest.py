@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -41,3 +42,26 @@ def jpeg_server() -> Iterator[ServerProcess]:
     """`python -m reward_server` with the JPEG rewards, as a separate process on a free loopback port."""
     with ServerProcess("--rewards", "jpeg_compressibility,jpeg_incompressibility", "--metrics-port", "0") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CLIP vision tower with random weights and ViT-L/14's 768-d projection, saved like a hub checkpoint."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=224,
+        patch_size=32,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    CLIPImageProcessor().save_pretrained(folder)  # OpenAI's preprocessing: 224 bicubic, centre crop, CLIP mean/std
+    return folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,13 +17,18 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
+import pytest
 
 from reward_server.batching import BatchingConfig
 from reward_server.config import ServerConfig
 from reward_server.rewards import ImageSpec, ItemError, Metadata, Reward, RewardOutput, RewardSpec
+from reward_server.rewards.aesthetic import HEAD_FILE
 from reward_server.server import RewardServer
 
 ROOT = Path(__file__).resolve().parent.parent
+# The real LAION aesthetic head (not committed): tests that need it skip when it is absent.
+HEAD = ROOT.parent / "shared" / "assets" / "laion-aesthetic-v2" / HEAD_FILE
+needs_head = pytest.mark.skipif(not HEAD.is_file(), reason=f"the real LAION aesthetic head is not at {HEAD}")
 
 
 def mean_pixel(images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float64]:
@@ -216,3 +222,55 @@ class ServerProcess:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.terminate()
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for servers, like Triton, that cannot pick one themselves)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class TritonProcess:
+    """A real Triton server as a process on free loopback ports: ``ddpo triton serve`` on a model repository, or
+    another command (``ddpo serve --frontend pytriton``) given the ports. Its log goes to ``log_file``."""
+
+    def __init__(self, log_file: Path, *, repository: Path | None = None, command: Sequence[str] = ()) -> None:
+        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        ports = [f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}"]
+        if repository is not None:
+            command = [*DDPO, "triton", "serve", f"--model-repository={repository}", f"--grpc-port={self.grpc_port}"]
+        else:
+            ports.append(f"--port={self.grpc_port}")
+        self.command = [*command, *ports]
+        self.address = f"triton://127.0.0.1:{self.grpc_port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self.log_file = log_file
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> TritonProcess:
+        from clients import TritonRewardClient
+
+        with self.log_file.open("wb") as log:
+            self.proc = subprocess.Popen(self.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            with TritonRewardClient(self.address) as client:
+                client.wait_ready(timeout=180)
+        except BaseException:
+            self.__exit__()
+            raise RuntimeError(f"Triton did not start: {self.log_file.read_text()[-4000:]}") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+DDPO = (sys.executable, "-m", "clients.cli")

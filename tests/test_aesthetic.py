@@ -11,33 +11,8 @@ import torch
 
 from clients import RewardClient
 from reward_server.rewards import build_reward
-from reward_server.rewards.aesthetic import HEAD_FILE, HEAD_SHA256, Aesthetic, clip_pixels, fetch_head, load_head
-from tests.support import ROOT, ServerProcess, ServerThread
-
-HEAD = ROOT.parent / "shared" / "assets" / "laion-aesthetic-v2" / HEAD_FILE
-needs_head = pytest.mark.skipif(not HEAD.is_file(), reason=f"the real LAION aesthetic head is not at {HEAD}")
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CLIP vision tower with random weights and ViT-L/14's 768-d projection, saved like a hub checkpoint."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=224,
-        patch_size=32,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
-    CLIPVisionModelWithProjection(config).save_pretrained(folder)
-    CLIPImageProcessor().save_pretrained(folder)  # OpenAI's preprocessing: 224 bicubic, centre crop, CLIP mean/std
-    return folder
+from reward_server.rewards.aesthetic import HEAD_SHA256, Aesthetic, clip_pixels, fetch_head, load_head
+from tests.support import HEAD, ServerProcess, ServerThread, needs_head
 
 
 def affine_form(head_file: Path) -> tuple[npt.NDArray[np.float64], float]:

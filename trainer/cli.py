@@ -22,7 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Run under `accelerate launch -m trainer` for several processes or GPUs.",
     )
     parser.add_argument("--config", required=True, help=f"a preset ({', '.join(preset_names())}) or a .toml/.yaml file")
-    parser.add_argument("--reward-server", help="reward service address, host:port or grpc(s)://host:port")
+    parser.add_argument(
+        "--reward-server",
+        help="reward service address: host:port, grpc(s)://host:port, or triton://host:port (Triton gRPC)",
+    )
     parser.add_argument("--reward", help="reward to maximise, as the service lists it")
     parser.add_argument("--model", help="hub id, local folder, or 'tiny'")
     parser.add_argument("--run-dir", help="output folder (metrics.jsonl, tensorboard/, images/, checkpoints/, final/)")

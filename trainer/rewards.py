@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from clients import ItemResult, RewardClient, RewardServiceError
+from clients import AnyRewardClient, ItemResult, RewardServiceError, open_client
 
 if TYPE_CHECKING:
     from trainer.sampling import SampleBatch
@@ -27,9 +27,9 @@ class RewardError(RuntimeError):
     """The reward service could not score the epoch: the message names the reward, the item and the cause."""
 
 
-def connect(server: str, reward: str, token: str | None, ca_file: str | None, timeout: float) -> RewardClient:
+def connect(server: str, reward: str, token: str | None, ca_file: str | None, timeout: float) -> AnyRewardClient:
     """A client for ``server`` once ``reward`` is SERVING there; RewardError if it is missing or cannot be maximised."""
-    client = RewardClient(server, root_certificates=ca_file, auth_token=token, stream_timeout=timeout)
+    client = open_client(server, root_certificates=ca_file, auth_token=token, stream_timeout=timeout)
     try:
         client.wait_ready(timeout=timeout)
         offered = {info.name: info for info in client.list_rewards()}
@@ -68,7 +68,7 @@ class EpochRewards:
     """
 
     def __init__(
-        self, client: RewardClient, reward: str, timeout: float, on_error: str, what: str, stream: bool = True
+        self, client: AnyRewardClient, reward: str, timeout: float, on_error: str, what: str, stream: bool = True
     ) -> None:
         """``what`` names the samples in errors, e.g. "epoch 3"."""
         if on_error not in ("fail", "drop"):

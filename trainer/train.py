@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from clients import RewardClient
+from clients import AnyRewardClient
 from trainer import advantages as adv
 from trainer import losses
 from trainer.checkpoint import (
@@ -59,7 +60,7 @@ class Epoch:
     latents: torch.Tensor  # (N, T+1, C, h, w)
     log_probs: torch.Tensor  # (N, T)
     timesteps: torch.Tensor  # (N, T)
-    rewards: np.ndarray  # (N_all,) the scored rewards of every process, for the epoch's statistics
+    rewards: npt.NDArray[np.float64]  # (N_all,) the scored rewards of every process, for the epoch's statistics
     weights: torch.Tensor  # (N,) advantages (DDPO) or regression weights (RWR)
     dropped: int  # items of every process left out after a reward error (--on-reward-error=drop)
 
@@ -241,7 +242,7 @@ class Trainer:
                 logger.info("held-out samples before and after training: %s", grid)
         return export_final(self.pipeline, self.accelerator.unwrap_model(self.unet), config, self.run_dir)
 
-    def run_eval(self, epoch: int, client: RewardClient, run_logger: RunLogger) -> None:
+    def run_eval(self, epoch: int, client: AnyRewardClient, run_logger: RunLogger) -> None:
         """Score the held-out prompts with fixed noise (``trainer.evaluate``), on the main process only."""
         if self.accelerator.is_main_process:
             self.unet.eval()
@@ -284,7 +285,7 @@ class Trainer:
                     self.device,
                 )
 
-    def run_epoch(self, epoch: int, client: RewardClient, run_logger: RunLogger) -> dict[str, Any]:
+    def run_epoch(self, epoch: int, client: AnyRewardClient, run_logger: RunLogger) -> dict[str, Any]:
         config = self.config
         #################### SAMPLING (rewards stream to the service meanwhile) ####################
         started = time.perf_counter()
@@ -332,7 +333,9 @@ class Trainer:
             **self.stat_tracker.stats(),
         }
 
-    def _epoch_data(self, batches: list[SampleBatch], rewards: np.ndarray, kept: np.ndarray) -> Epoch:
+    def _epoch_data(
+        self, batches: list[SampleBatch], rewards: npt.NDArray[np.float64], kept: npt.NDArray[np.bool_]
+    ) -> Epoch:
         """Concatenate the batches, drop failed items, and turn rewards into advantages or RWR weights.
 
         Statistics are over every process's samples, as in ddpo-pytorch: each process gathers all rewards and prompt
@@ -357,7 +360,9 @@ class Trainer:
             dropped=int((~all_kept).sum()),
         )
 
-    def _gather(self, prompts: list[str], rewards: np.ndarray) -> tuple[list[str], np.ndarray, slice]:
+    def _gather(
+        self, prompts: list[str], rewards: npt.NDArray[np.float64]
+    ) -> tuple[list[str], npt.NDArray[np.float64], slice]:
         """Every process's prompts and rewards (NaN: dropped), and the slice that is this process's."""
         if self.accelerator.num_processes == 1:
             return prompts, rewards, slice(0, len(prompts))
@@ -367,7 +372,7 @@ class Trainer:
         start = self.accelerator.process_index * len(prompts)
         return [self.prompts.prompts[i] for i in all_ids], all_rewards, slice(start, start + len(prompts))
 
-    def _weights(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+    def _weights(self, prompts: list[str], rewards: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Per-sample weights of the loss: clipped, normalised advantages for DDPO; regression weights for RWR."""
         t = self.config.train
         if t.algorithm == "rwr":

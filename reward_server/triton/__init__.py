@@ -1,0 +1,1 @@
+"""The rewards on NVIDIA Triton Inference Server: model-repository export, the Python-backend model, the launcher."""

@@ -1,0 +1,87 @@
+"""``ddpo triton export`` (write a model repository) and ``ddpo triton serve`` (run tritonserver on one)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from reward_server.cli import select_rewards
+from reward_server.config import ConfigError, ServerConfig, load_config
+from reward_server.triton.export import export_repository, repository_differences
+from reward_server.triton.launch import tritonserver_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpo triton", description="Deploy the rewards on Triton Inference Server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="write a Triton model repository, one model per reward")
+    export.add_argument("--rewards", help="comma-separated rewards (default: the config's, else the JPEG rewards)")
+    export.add_argument("--config", type=Path, help="the reward server's TOML/YAML config: options and batching")
+    export.add_argument("--out", type=Path, required=True, help="model repository folder")
+    export.add_argument("--check", action="store_true", help="write nothing; exit 1 if --out differs from the export")
+    serve = commands.add_parser("serve", help="run tritonserver (system or bundled) on a model repository")
+    serve.add_argument("--model-repository", type=Path, required=True)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("tritonserver_args", nargs="*", help="more tritonserver flags, after --")
+    return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    config = load_config(args.config) if args.config else ServerConfig()
+    rewards = select_rewards(config, args.rewards)
+    if args.check:
+        problems = repository_differences(rewards, args.out)
+        for problem in problems:
+            print(f"ddpo triton export --check: {args.out}: {problem}", file=sys.stderr)
+        if problems:
+            print("re-run the export without --check to update it", file=sys.stderr)
+        return 1 if problems else 0
+    for path in export_repository(rewards, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    for flag in ("grpc_port", "http_port", "metrics_port"):
+        if not 0 < getattr(args, flag) < 65536:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be in 1..65535, got {getattr(args, flag)}")
+    with tempfile.TemporaryDirectory(prefix="ddpo-triton-") as workdir:
+        command = tritonserver_command(
+            args.model_repository,
+            Path(workdir),
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            metrics_port=args.metrics_port,
+            host=args.host,
+            extra_args=tuple(args.tritonserver_args),
+        )
+        print(f"ddpo triton serve: {' '.join(command.argv)}", flush=True)
+        process = subprocess.Popen(command.argv, env=command.env)
+
+        def forward(signum: int, frame: FrameType | None) -> None:
+            process.send_signal(signum)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, forward)
+        return process.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _export(args) if args.command == "export" else _serve(args)
+    except ConfigError as error:
+        parser.error(str(error))
+    except (ValueError, RuntimeError, OSError) as error:
+        print(f"ddpo triton {args.command}: {error}", file=sys.stderr)
+        return 1
