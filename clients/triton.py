@@ -149,6 +149,14 @@ class TritonRewardClient:
         load is listed with Triton's reason in ``load_error``."""
         deadline = self.timeout if timeout is None else timeout
         index = self._call("RepositoryIndex", self._client.get_model_repository_index, as_json=True)
+        if not index.get("models"):
+            raise RewardServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"triton://{self.address} has no models in its repository index (PyTriton, for one, loads them "
+                "through the load API), so its rewards cannot be listed; serve an exported repository with "
+                "`ddpo triton serve` to list them",
+                "RepositoryIndex",
+            )
         rewards = []
         for model in index.get("models", []):
             name, state, reason = model["name"], model.get("state", ""), model.get("reason", "")

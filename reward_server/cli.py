@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key: TLS only)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key")
     parser.add_argument("--auth-token-file", type=Path, help="require `authorization: Bearer <token in file>`")
+    parser.add_argument(
+        "--frontend",
+        choices=["grpc", "pytriton"],
+        default="grpc",
+        help="grpc: the ddpo RewardService (default); pytriton: the same rewards as Triton models, bound with "
+        "PyTriton (KServe v2; clients use triton://HOST:PORT; needs the triton extra)",
+    )
+    parser.add_argument("--http-port", type=int, help="--frontend pytriton: Triton's HTTP port (default 8000)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="json", choices=["json", "text"])
     return parser
@@ -93,6 +101,14 @@ def _announce(server: RewardServer) -> None:
         print(f"metrics on http://{server.config.host}:{server.metrics_port}/metrics", flush=True)
 
 
+def _announce_triton(config: ServerConfig, rewards: list[str]) -> None:
+    print(
+        f"ddpo reward server (PyTriton) listening on triton://{config.host}:{config.port} "
+        f"(rewards: {', '.join(rewards)})",
+        flush=True,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -100,9 +116,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ConfigError as error:
         parser.error(str(error))
+    if args.http_port is not None and args.frontend != "pytriton":
+        parser.error("--http-port is for --frontend pytriton")
     configure_logging(args.log_level, args.log_format)
     try:
-        asyncio.run(serve(config, on_started=_announce))
+        if args.frontend == "pytriton":
+            from reward_server.triton.pytriton_frontend import serve_pytriton
+
+            serve_pytriton(
+                config, http_port=8000 if args.http_port is None else args.http_port, on_started=_announce_triton
+            )
+        else:
+            asyncio.run(serve(config, on_started=_announce))
     except (ValueError, OSError, RuntimeError) as error:
         print(f"ddpo serve: {error}", file=sys.stderr)
         return 1

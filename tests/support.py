@@ -247,6 +247,7 @@ class TritonProcess:
         self.address = f"triton://127.0.0.1:{self.grpc_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log_file = log_file
+        self.frontend = "tritonserver" if repository is not None else "pytriton"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> TritonProcess:

@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import json_format
@@ -128,6 +129,24 @@ def score_requests(reward: Reward, requests: Sequence[Sequence[DecodedItem | Ite
     ]
 
 
+def answer_requests(
+    reward: Reward, requests: Sequence[Mapping[str, npt.NDArray[Any] | None]]
+) -> list[dict[str, npt.NDArray[Any]]]:
+    """The output tensors of each request of a dynamic batch (input tensors by name; optional ones may be absent).
+
+    A request whose tensors do not fit together has each of its items answered with INVALID_ARGUMENT and the
+    reason, so that the other requests batched with it are still scored."""
+    checked: list[list[DecodedItem | ItemError]] = []
+    for tensors in requests:
+        images = tensors[tc.IMAGES]
+        assert images is not None, "Triton requires IMAGES"
+        try:
+            checked.append(items_from_tensors(reward, images, tensors.get(tc.PROMPTS), tensors.get(tc.METADATA)))
+        except RequestInvalid as invalid:
+            checked.append([ItemError(grpc.StatusCode.INVALID_ARGUMENT, str(invalid))] * len(images))
+    return [output_tensors(outcomes) for outcomes in score_requests(reward, checked)]
+
+
 def output_tensors(outcomes: Sequence[ItemOutcome]) -> dict[str, npt.NDArray[Any]]:
     """SCORES (FP32 [n, 1], NaN where failed) and INFO (BYTES [n, 1]) for one request."""
     scores = np.array([[outcome.score] for outcome in outcomes], dtype=np.float32).reshape(len(outcomes), 1)
@@ -174,28 +193,11 @@ class TritonRewardModel:
     def execute(self, requests: Sequence[Any]) -> list[Any]:
         assert self.reward is not None, "initialize was not called"
         pb = self._pb
-        checked: list[list[DecodedItem | ItemError]] = []
-        refused: dict[int, str] = {}
-        for index, request in enumerate(requests):
-            tensors = {name: pb.get_input_tensor_by_name(request, name) for name in (tc.PROMPTS, tc.METADATA)}
-            try:
-                checked.append(
-                    items_from_tensors(
-                        self.reward,
-                        pb.get_input_tensor_by_name(request, tc.IMAGES).as_numpy(),
-                        *(None if tensor is None else tensor.as_numpy() for tensor in tensors.values()),
-                    )
-                )
-            except RequestInvalid as invalid:
-                refused[index] = str(invalid)
-                checked.append([])
-        answers = score_requests(self.reward, checked)
-        responses = []
-        for index, outcomes in enumerate(answers):
-            if index in refused:
-                error = pb.TritonError(refused[index], pb.TritonError.INVALID_ARG)
-                responses.append(pb.InferenceResponse(output_tensors=[], error=error))
-                continue
-            outputs = output_tensors(outcomes)
-            responses.append(pb.InferenceResponse([pb.Tensor(name, value) for name, value in outputs.items()]))
-        return responses
+        tensors = []
+        for request in requests:
+            inputs = {name: pb.get_input_tensor_by_name(request, name) for name in (tc.IMAGES, tc.PROMPTS, tc.METADATA)}
+            tensors.append({name: tensor.as_numpy() for name, tensor in inputs.items() if tensor is not None})
+        return [
+            pb.InferenceResponse([pb.Tensor(name, value) for name, value in outputs.items()])
+            for outputs in answer_requests(self.reward, tensors)
+        ]

@@ -41,6 +41,12 @@ def _bundled_triton() -> Path:
     return Path(pytriton.__file__).parent / "tritonserver"
 
 
+def python_library_path(env: dict[str, str]) -> str:
+    """``LD_LIBRARY_PATH`` with this interpreter's library folder first: the stub must load the libpython that matches
+    the running standard library, not another Python 3.X on the system."""
+    return ":".join(p for p in (str(sysconfig.get_config_var("LIBDIR")), env.get("LD_LIBRARY_PATH", "")) if p)
+
+
 def prepare_bundled_backends(workdir: Path) -> Path:
     """Copy the bundled Python backend and this interpreter's stub into ``workdir``; return the backend folder."""
     dist = _bundled_triton()
@@ -83,8 +89,7 @@ def tritonserver_command(
     binary = _bundled_triton() / "bin" / "tritonserver"
     backends = prepare_bundled_backends(workdir)
     libs = Path(_bundled_triton()).parent.parent / "nvidia_pytriton.libs"
-    library_path = [str(sysconfig.get_config_var("LIBDIR")), str(libs), env.get("LD_LIBRARY_PATH", "")]
-    env["LD_LIBRARY_PATH"] = ":".join(p for p in library_path if p)
+    env["LD_LIBRARY_PATH"] = python_library_path({"LD_LIBRARY_PATH": f"{libs}:{env.get('LD_LIBRARY_PATH', '')}"})
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     argv = [
         str(binary),
