@@ -22,16 +22,8 @@ def open_client(
     auth_token: str | None = None,
 ) -> AnyRewardClient:
     """A client for ``server``: ``triton://host:port`` for Triton, else ``[grpc[s]://]host:port`` for ``ddpo serve``."""
-    if server.startswith(TRITON_SCHEME):
-        return TritonRewardClient(
-            server,
-            timeout=timeout,
-            stream_timeout=stream_timeout,
-            tls=tls,
-            root_certificates=root_certificates,
-            auth_token=auth_token,
-        )
-    return RewardClient(
+    client_class: type[AnyRewardClient] = TritonRewardClient if server.startswith(TRITON_SCHEME) else RewardClient
+    return client_class(
         server,
         timeout=timeout,
         stream_timeout=stream_timeout,

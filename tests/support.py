@@ -236,7 +236,9 @@ class TritonProcess:
     """A real Triton server as a process on free loopback ports: ``ddpo triton serve`` on a model repository, or
     another command (``ddpo serve --frontend pytriton``) given the ports. Its log goes to ``log_file``."""
 
-    def __init__(self, log_file: Path, *, repository: Path | None = None, command: Sequence[str] = ()) -> None:
+    def __init__(
+        self, log_file: Path, rewards: Sequence[str], *, repository: Path | None = None, command: Sequence[str] = ()
+    ) -> None:
         self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         ports = [f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}"]
         if repository is not None:
@@ -247,6 +249,7 @@ class TritonProcess:
         self.address = f"triton://127.0.0.1:{self.grpc_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log_file = log_file
+        self.rewards = list(rewards)  # ready means these models are ready (PyTriton's server is ready before them)
         self.frontend = "tritonserver" if repository is not None else "pytriton"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -257,7 +260,7 @@ class TritonProcess:
             self.proc = subprocess.Popen(self.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             with TritonRewardClient(self.address) as client:
-                client.wait_ready(timeout=180)
+                client.wait_ready(timeout=180, rewards=self.rewards)
         except BaseException:
             self.__exit__()
             raise RuntimeError(f"Triton did not start: {self.log_file.read_text()[-4000:]}") from None

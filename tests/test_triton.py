@@ -67,9 +67,10 @@ def triton(
     """The exported repository on `ddpo triton serve`, or the same config on `ddpo serve --frontend pytriton`."""
     log = tmp_path_factory.mktemp("triton") / f"{request.param}.log"
     if request.param == "tritonserver":
-        server = TritonProcess(log, repository=repository)
+        server = TritonProcess(log, _rewards(config_file), repository=repository)
     else:
-        server = TritonProcess(log, command=[*DDPO, "serve", "--frontend", "pytriton", "--config", str(config_file)])
+        command = [*DDPO, "serve", "--frontend", "pytriton", "--config", str(config_file)]
+        server = TritonProcess(log, _rewards(config_file), command=command)
     with server:
         yield server
 
@@ -254,3 +255,25 @@ def test_ddpo_train_runs_against_triton(triton: TritonProcess, tmp_path: Path) -
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert all(m["reward_mean"] < 0 and m["samples"] == 16 for m in metrics)
+
+
+def test_ddpo_score_reads_files_through_triton(
+    triton: TritonProcess, photo_batch: npt.NDArray[np.uint8], tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    files = []
+    for index, image in enumerate(photo_batch[:2]):
+        files.append(tmp_path / f"{index}.png")
+        Image.fromarray(image).save(files[-1])
+    done = subprocess.run(
+        [*DDPO, "score", "--server", triton.address, "--reward", "jpeg_incompressibility", *map(str, files)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    printed = [float(line.split("\t")[2]) for line in done.stdout.splitlines()]
+    with TritonRewardClient(triton.address) as client:
+        assert printed == pytest.approx(list(client.score("jpeg_incompressibility", photo_batch[:2]).scores), rel=1e-5)
