@@ -67,6 +67,13 @@ class Target:
     metadata: tuple[tuple[str, str], ...]
 
 
+def check_host_port(server: str, address: str, form: str) -> None:
+    """ValueError unless ``address`` (the part of ``server`` after its scheme) is HOST:PORT; ``form`` shows it."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"server {server!r} must look like {form}")
+
+
 def parse_target(
     server: str,
     *,
@@ -79,9 +86,7 @@ def parse_target(
         scheme, rest = "grpc", server
     if scheme not in ("grpc", "grpcs"):
         raise ValueError(f"server {server!r}: scheme must be grpc:// or grpcs://, got {scheme}://")
-    host, colon, port = rest.rpartition(":")
-    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"server {server!r} must look like HOST:PORT (e.g. 127.0.0.1:50051)")
+    check_host_port(server, rest, "HOST:PORT (e.g. 127.0.0.1:50051)")
     use_tls = (scheme == "grpcs") if tls is None else tls
     if isinstance(root_certificates, str | Path):
         root_certificates = Path(root_certificates).read_bytes()

@@ -31,7 +31,16 @@ import numpy.typing as npt
 from google.protobuf import json_format
 
 from clients import triton_contract as tc
-from clients._wire import Encoding, Images, StreamLedger, WireBatch, checked_items, order_results
+from clients._wire import (
+    Encoding,
+    Images,
+    StreamLedger,
+    WireBatch,
+    check_host_port,
+    checked_items,
+    not_ready,
+    order_results,
+)
 from clients.errors import RewardServiceError
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
 from clients.types import BatchResult, ItemResult, RewardInfo
@@ -50,10 +59,8 @@ def _tritonclient() -> Any:
 
 def triton_address(server: str) -> str:
     """``host:port`` of a ``triton://host:port`` address; ValueError if it is not one."""
-    address = server.removeprefix(SCHEME)
-    host, colon, port = address.rpartition(":")
-    if not server.startswith(SCHEME) or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"server {server!r} must look like triton://HOST:PORT (Triton's gRPC port, e.g. 8001)")
+    address = server.removeprefix(SCHEME) if server.startswith(SCHEME) else ""
+    check_host_port(server, address, "triton://HOST:PORT (Triton's gRPC port, e.g. 8001)")
     return address
 
 
@@ -125,7 +132,6 @@ class TritonRewardClient:
         """Block until the server (and each model in ``rewards``) is ready; TimeoutError after ``timeout``."""
         deadline = time.monotonic() + timeout
         for model in [None, *(rewards or [])]:
-            what = "the server" if model is None else f"reward {model!r}"
             state = "no answer yet"
             while time.monotonic() < deadline:
                 try:
@@ -142,7 +148,7 @@ class TritonRewardClient:
                     break
                 time.sleep(0.1)
             else:
-                raise TimeoutError(f"{what} at triton://{self.address} was not ready after {timeout:g} s ({state})")
+                raise not_ready(f"triton://{self.address}", timeout, model or "", state)
 
     def list_rewards(self, timeout: float | None = None) -> list[RewardInfo]:
         """The ddpo rewards in the repository (models with a ``ddpo_reward_spec`` parameter); a model that failed to
@@ -158,7 +164,7 @@ class TritonRewardClient:
                 "RepositoryIndex",
             )
         rewards = []
-        for model in index.get("models", []):
+        for model in index["models"]:
             name, state, reason = model["name"], model.get("state", ""), model.get("reason", "")
             try:
                 config = self._call(

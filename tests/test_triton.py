@@ -21,7 +21,7 @@ import numpy.typing as npt
 import pytest
 
 from clients import RewardClient, RewardServiceError, TritonRewardClient
-from tests.support import DDPO, HEAD, ROOT, ServerProcess, TritonProcess
+from tests.support import DDPO, HEAD, ROOT, ServerProcess, TritonProcess, free_port
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'ddpo[triton]')")
 pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
@@ -277,3 +277,15 @@ def test_ddpo_score_reads_files_through_triton(
     printed = [float(line.split("\t")[2]) for line in done.stdout.splitlines()]
     with TritonRewardClient(triton.address) as client:
         assert printed == pytest.approx(list(client.score("jpeg_incompressibility", photo_batch[:2]).scores), rel=1e-5)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:8001", "triton://127.0.0.1", "triton://:8001", "triton://h:99999"])
+def test_a_malformed_triton_address_is_refused_with_the_expected_form(address: str) -> None:
+    with pytest.raises(ValueError, match=r"must look like"):
+        TritonRewardClient(address)
+
+
+def test_waiting_for_an_absent_triton_times_out_with_the_address() -> None:
+    address = f"triton://127.0.0.1:{free_port()}"
+    with TritonRewardClient(address) as client, pytest.raises(TimeoutError, match=r"not ready after 0\.5s"):
+        client.wait_ready(timeout=0.5)

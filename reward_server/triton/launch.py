@@ -47,9 +47,9 @@ def python_library_path(env: dict[str, str]) -> str:
     return ":".join(p for p in (str(sysconfig.get_config_var("LIBDIR")), env.get("LD_LIBRARY_PATH", "")) if p)
 
 
-def prepare_bundled_backends(workdir: Path) -> Path:
-    """Copy the bundled Python backend and this interpreter's stub into ``workdir``; return the backend folder."""
-    dist = _bundled_triton()
+def prepare_bundled_backends(dist: Path, workdir: Path) -> Path:
+    """Copy the bundled Python backend (in ``dist``) and this interpreter's stub into ``workdir``; return the backend
+    folder."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
@@ -71,7 +71,7 @@ def tritonserver_command(
     extra_args: tuple[str, ...] = (),
 ) -> TritonCommand:
     """The command and environment that serve ``model_repository``; ``workdir`` holds the prepared backends."""
-    if not (model_repository / "").is_dir():
+    if not model_repository.is_dir():
         raise ValueError(f"model repository {model_repository} is not a folder")
     ports = [
         f"--grpc-port={grpc_port}",
@@ -86,9 +86,10 @@ def tritonserver_command(
     if system is not None:
         argv = [system, f"--model-repository={model_repository}", *ports, *extra_args]
         return TritonCommand(argv, env)
-    binary = _bundled_triton() / "bin" / "tritonserver"
-    backends = prepare_bundled_backends(workdir)
-    libs = Path(_bundled_triton()).parent.parent / "nvidia_pytriton.libs"
+    dist = _bundled_triton()
+    binary = dist / "bin" / "tritonserver"
+    backends = prepare_bundled_backends(dist, workdir)
+    libs = dist.parent.parent / "nvidia_pytriton.libs"
     env["LD_LIBRARY_PATH"] = python_library_path({"LD_LIBRARY_PATH": f"{libs}:{env.get('LD_LIBRARY_PATH', '')}"})
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     argv = [
