@@ -11,6 +11,7 @@ COMMANDS = {
     "serve": ("reward_server.cli", "server", "run the gRPC reward server"),
     "score": ("clients.score_cli", "client", "score image files with a reward server"),
     "train": ("trainer.cli", "trainer", "fine-tune a diffusion model with DDPO against a reward server"),
+    "eval": ("trainer.eval_cli", "trainer", "sample a model with fixed seeds and score it with the reward service"),
     "triton": ("reward_server.triton.cli", "server", "export the rewards as a Triton model repository, or serve one"),
 }
 

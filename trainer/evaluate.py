@@ -9,10 +9,14 @@ run trains the same with evaluation on or off.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from clients import ItemResult
+from clients.evaluation import ImageRecord
 
 
 @dataclasses.dataclass
@@ -38,6 +42,28 @@ class EvalResult:
             "per_prompt": {prompt: float(np.mean(values)) for prompt, values in per_prompt.items()},
             "rewards": [None if np.isnan(r) else float(r) for r in self.rewards],
         }
+
+    def records(self, reward: str, samples_per_prompt: int, failures: Sequence[ItemResult]) -> list[ImageRecord]:
+        """The lines of results.jsonl (``clients.evaluation``) for the images saved as eval/epoch_N/{i:03d}.png.
+
+        The variant is "epoch_N". Seeds are None: the evaluation's noise comes from one generator (``eval.seed``)
+        drawn batch after batch, not from a generator per image. ``failures`` are the items the service failed
+        (their id is the item's position), recorded with their "CODE: message".
+        """
+        failed = {int(result.id): result for result in failures}
+        records = []
+        for i, (prompt, score) in enumerate(zip(self.prompts, self.rewards, strict=True)):
+            record = ImageRecord(
+                f"epoch_{self.epoch}", prompt, i // samples_per_prompt, i % samples_per_prompt, None, f"{i:03d}.png"
+            )
+            if i in failed:
+                record.add_result(reward, failed[i])
+            elif np.isnan(score):
+                record.add_error(reward, "UNKNOWN: no score was recorded for this item")
+            else:
+                record.rewards[reward] = float(score)
+            records.append(record)
+        return records
 
 
 def evaluation_prompts(prompts: list[str], samples_per_prompt: int) -> list[str]:

@@ -89,7 +89,7 @@ def policy_step(
     guidance_scale: float,
     eta: float,
     prev_latents: torch.Tensor | None = None,  # (B, C, h, w) x_{t-1}, to recompute its log-probability
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> DDIMStepOutput:
     """One step of the policy π(x_{t−1} | x_t, c): the guided UNet call, then the DDIM step with its log-prob."""
     noise_pred = guided_noise_pred(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
@@ -119,18 +119,31 @@ def sample_batch(
     num_steps: int,
     guidance_scale: float,
     eta: float,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     device: torch.device,
+    allow_deterministic: bool = False,
 ) -> SampleBatch:
-    """Run the DDIM chain for ``prompts`` from fresh noise, recording every latent and log-probability."""
+    """Run the DDIM chain for ``prompts`` from fresh noise, recording every latent and log-probability.
+
+    ``generator``: one CPU generator for the whole batch (training), or one per image, as diffusers' ``randn_tensor``
+    takes them: image i's initial latents and every step's noise then come from ``generator[i]`` alone, so an image
+    does not depend on the batch it was sampled in (``ddpo eval``). ``allow_deterministic`` accepts eta = 0 (DDIM
+    without noise, for evaluation); the log-probabilities recorded then mean nothing.
+    """
     scheduler = pipeline.scheduler
     scheduler.set_timesteps(num_steps, device="cpu")
-    check_trainable_schedule(scheduler, eta)
+    if not (allow_deterministic and eta == 0):
+        check_trainable_schedule(scheduler, eta)
     prompt_embeds = encode_prompts(pipeline, prompts, device)
     batch = len(prompts)
     shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    latents = torch.randn(shape, generator=generator, dtype=prompt_embeds.dtype).to(device)
-    latents = latents * scheduler.init_noise_sigma
+    if isinstance(generator, list):
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} prompts: pass one per image, or one")
+        latents = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=prompt_embeds.dtype) for g in generator])
+    else:
+        latents = torch.randn(shape, generator=generator, dtype=prompt_embeds.dtype)
+    latents = latents.to(device) * scheduler.init_noise_sigma
     all_latents, log_probs = [latents], []
     for t in scheduler.timesteps:
         timesteps = t.expand(batch).to(device)

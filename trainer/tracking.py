@@ -119,8 +119,9 @@ class RunLogger:
             self._wandb.log({tag: wandb_module.Image(grid, caption=" / ".join(captions))}, step=epoch)
         return path
 
-    def log_eval(self, summary: dict[str, Any], images: npt.NDArray[np.uint8], prompts: Sequence[str]) -> None:
-        """One held-out evaluation: its images under eval/epoch_N/, a line of eval.jsonl, scalars and a grid."""
+    def log_eval(self, summary: dict[str, Any], images: npt.NDArray[np.uint8], prompts: Sequence[str]) -> Path:
+        """One held-out evaluation: its images under eval/epoch_N/, a line of eval.jsonl, scalars and a grid.
+        Returns the folder eval/epoch_N/, where image i is ``{i:03d}.png``."""
         epoch = int(summary["epoch"])
         folder = self.run_dir / "eval" / f"epoch_{epoch:06d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -141,6 +142,7 @@ class RunLogger:
         self.log_images(
             epoch, images[scored], [prompts[i] for i in scored], [summary["rewards"][i] for i in scored], "eval"
         )
+        return folder
 
     def close(self) -> None:
         if self._tensorboard is not None:

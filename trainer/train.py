@@ -25,6 +25,7 @@ from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from clients import AnyRewardClient
+from clients.evaluation import now, write_evaluation
 from trainer import advantages as adv
 from trainer import losses
 from trainer.checkpoint import (
@@ -253,9 +254,12 @@ class Trainer:
             rewards = EpochRewards(client, r.name, r.timeout, r.on_error, what)
             batches = rewards.stream(self.sample(self.accelerator.unwrap_model(self.unet), prompt_batches, generator))
             images = np.concatenate([batch.images for batch in batches])
-            result = EvalResult(epoch, self.eval_prompts, images, rewards.collect().scores)
+            scores = rewards.collect()
+            result = EvalResult(epoch, self.eval_prompts, images, scores.scores)
             summary = result.summary()
-            run_logger.log_eval(summary, result.images, result.prompts)
+            folder = run_logger.log_eval(summary, result.images, result.prompts)
+            records = result.records(r.name, self.config.eval.samples_per_prompt, scores.failures)
+            write_evaluation(folder, records, [r.name], self._eval_settings(epoch))
             logger.info(
                 "held-out evaluation at epoch %d: %s = %.4f ± %.4f over %d samples",
                 epoch,
@@ -265,6 +269,29 @@ class Trainer:
                 summary["samples"],
             )
         self.accelerator.wait_for_everyone()
+
+    def _eval_settings(self, epoch: int) -> dict[str, Any]:
+        """The settings at the top of a held-out evaluation's summary.json and report.html."""
+        c = self.config
+        return {
+            "command": "ddpo train: held-out evaluation",
+            "run_dir": str(self.run_dir),
+            "epoch": epoch,
+            "model": c.model,
+            "trained": ("LoRA adapter" if c.lora.enabled else "full UNet") + f" after {epoch} epoch(s)",
+            "prompts": c.eval.file if c.eval.set == "from_file" else c.eval.set,
+            "prompt_count": len(self.eval_prompts) // c.eval.samples_per_prompt,
+            "samples_per_prompt": c.eval.samples_per_prompt,
+            "seed": c.eval.seed,
+            "noise": "one generator seeded with eval.seed, drawn batch after batch (the same at every evaluation)",
+            "eta": c.sample.eta,
+            "steps": c.sample.num_steps,
+            "guidance": c.sample.guidance_scale,
+            "batch_size": c.sample.batch_size,
+            "rewards": [c.reward.name],
+            "reward_server": c.reward.server,
+            "created": now(),
+        }
 
     def sample(
         self, unet: torch.nn.Module, prompt_batches: Iterable[list[str]], generator: torch.Generator

@@ -1,0 +1,376 @@
+"""``ddpo eval``: sample a model from fixed per-image seeds and score every image with the reward service.
+
+ddpo serve --rewards jpeg_compressibility,jpeg_incompressibility --port 50051 &
+ddpo eval --model tiny --lora runs/tiny/final --compare-lora base --prompts shapes_heldout --samples-per-prompt 2 \\
+    --seed 0 --rewards jpeg_compressibility,jpeg_incompressibility --reward-server 127.0.0.1:50051 --out eval/tiny
+
+Image i of the prompt × sample list (prompt 0's samples first) has its own generator, seeded S + i: its initial
+latents and every DDIM step's noise come from it alone, so an image does not depend on the batch it was sampled in
+(up to float rounding in batched kernels, a pixel level here and there), and every variant (the model with --lora,
+the --compare-lora one) is sampled from the same seeds. --eta 0 is deterministic: the same images every time. The
+outputs in --out (images/, results.jsonl, summary.json, report.html) are described in docs/evaluation.md.
+
+Exit status, as ddpo score: 0 when every image was scored with every reward, 1 when some items failed (each failure
+is printed; the outputs are still written), 2 for bad usage, 3 when the reward service could not be used (the
+outputs of what was done are still written if it failed mid-run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clients.connect import AnyRewardClient, check_address, open_client
+from clients.errors import RewardServiceError
+from clients.evaluation import ImageRecord, call_error, check_rewards, now, parse_reward_list, write_evaluation
+from clients.score_cli import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_SERVICE, EXIT_USAGE
+from trainer.prompts import PROMPT_SETS, load_prompts
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+logger = logging.getLogger("ddpo.eval")
+BASE = "base"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One model to evaluate: the base model (``lora`` None) or the base model with one LoRA file."""
+
+    name: str
+    lora: Path | None
+
+
+def lora_file(path: str) -> Path:
+    """The .safetensors file of a LoRA given as the file itself or a folder holding pytorch_lora_weights.safetensors
+    (a run's final/ folder); ValueError naming the path otherwise."""
+    given = Path(path)
+    if given.is_dir():
+        if (given / LORA_FILE).is_file():
+            return given / LORA_FILE
+        raise ValueError(
+            f"LoRA folder {path!r} has no {LORA_FILE}: pass a run's final/ folder (written by ddpo train with "
+            "lora.enabled) or the .safetensors file itself"
+        )
+    if given.is_file():
+        if given.suffix != ".safetensors":
+            raise ValueError(f"LoRA file {path!r} is not a .safetensors file")
+        return given
+    raise ValueError(f"LoRA {path!r} does not exist")
+
+
+def _label(file: Path) -> str:
+    """A short name for a LoRA: its folder's name (the run's name for a run's final/ folder), or the file's stem."""
+    folder = file.parent.resolve()
+    if file.name != LORA_FILE:
+        name = file.stem
+    elif folder.name == "final" and folder.parent.name:
+        name = folder.parent.name
+    else:
+        name = folder.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "lora"
+
+
+def plan_variants(lora: str | None, compare: str | None) -> list[Variant]:
+    """The variants in report order: the --compare-lora one first (the reference), then the model with --lora (or
+    the base model). ``"base"`` as --compare-lora means no adapter. Names are unique ("base" only for no adapter)."""
+    specs = [] if compare is None else [None if compare == BASE else lora_file(compare)]
+    specs.append(None if lora is None else lora_file(lora))
+    variants: list[Variant] = []
+    taken: set[str] = set()
+    for spec in specs:
+        name = BASE if spec is None else _label(spec)
+        if spec is not None and name == BASE:
+            name = "base-lora"
+        unique, n = name, 2
+        while unique in taken:
+            unique, n = f"{name}-{n}", n + 1
+        taken.add(unique)
+        variants.append(Variant(unique, spec))
+    return variants
+
+
+def resolve_prompts(spec: str) -> list[str]:
+    """A prompt set's prompts (any of trainer.prompts.PROMPT_SETS but from_file) or a text file's lines."""
+    if spec in PROMPT_SETS and spec != "from_file":
+        return load_prompts(spec)
+    if Path(spec).is_file():
+        return load_prompts("from_file", spec)
+    sets = ", ".join(s for s in PROMPT_SETS if s != "from_file")
+    raise ValueError(f"--prompts {spec!r} is neither a prompt set ({sets}) nor an existing file")
+
+
+def sampling_defaults(model: str) -> dict[str, Any]:
+    """num_steps, guidance_scale and batch_size as training samples: the tiny preset's for the built-in model,
+    the base config's (ddpo-pytorch's) otherwise."""
+    from trainer.config import Config, load_config
+
+    sample = load_config("tiny").sample if model == "tiny" else Config().sample
+    return {"num_steps": sample.num_steps, "guidance_scale": sample.guidance_scale, "batch_size": sample.batch_size}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddpo eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="'tiny' (the built-in model), a hub id or a local folder")
+    parser.add_argument("--lora", help="a LoRA: a run's final/ folder, a folder with " + LORA_FILE + ", or the file")
+    parser.add_argument(
+        "--compare-lora", metavar="OTHER", help="also evaluate OTHER (another LoRA, or 'base' for no adapter)"
+    )
+    parser.add_argument("--prompts", required=True, help="a prompt set name or a UTF-8 text file, one prompt a line")
+    parser.add_argument("--samples-per-prompt", type=int, required=True, metavar="K", help="images per prompt")
+    parser.add_argument("--seed", type=int, required=True, help="image i (over prompts × samples) uses seed S + i")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1.0, as training; 0: no noise)")
+    parser.add_argument("--num-steps", type=int, help="DDIM steps (default: the training preset's)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, help="images per sampling batch (default: the preset's)")
+    parser.add_argument("--rewards", required=True, help="comma-separated reward names, e.g. a,b")
+    parser.add_argument("--reward-server", required=True, help="HOST:PORT, grpc(s)://HOST:PORT or triton://HOST:PORT")
+    parser.add_argument("--auth-token-file", type=Path, help="file holding the service's bearer token")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the service and per call")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+@dataclasses.dataclass
+class Settings:
+    """The checked command line."""
+
+    model: str
+    variants: list[Variant]
+    prompts: list[str]
+    samples_per_prompt: int
+    seed: int
+    eta: float
+    num_steps: int
+    guidance_scale: float
+    batch_size: int
+    rewards: list[str]
+    server: str
+    token: str | None
+    timeout: float
+    out: Path
+
+    def to_json(self, prompt_spec: str) -> dict[str, Any]:
+        return {
+            "command": "ddpo eval",
+            "model": self.model,
+            "loras": {v.name: None if v.lora is None else str(v.lora) for v in self.variants},
+            "prompts": prompt_spec,
+            "prompt_count": len(self.prompts),
+            "samples_per_prompt": self.samples_per_prompt,
+            "seed": self.seed,
+            "eta": self.eta,
+            "steps": self.num_steps,
+            "guidance": self.guidance_scale,
+            "batch_size": self.batch_size,
+            "rewards": self.rewards,
+            "reward_server": self.server,
+            "created": now(),
+        }
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Settings:
+    """Every usage check that needs neither the service nor torch; parser.error (exit 2) on the first problem."""
+    try:
+        if args.samples_per_prompt < 1:
+            raise ValueError(f"--samples-per-prompt must be >= 1, got {args.samples_per_prompt}")
+        if args.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {args.seed}")
+        if args.eta < 0:
+            raise ValueError(f"--eta must be >= 0, got {args.eta}")
+        for flag in ("num_steps", "batch_size"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        if args.timeout <= 0:
+            raise ValueError(f"--timeout must be > 0, got {args.timeout}")
+        rewards = parse_reward_list(args.rewards)
+        prompts = resolve_prompts(args.prompts)
+        variants = plan_variants(args.lora, args.compare_lora)
+        check_address(args.reward_server)
+        token = args.auth_token_file.read_text().strip() if args.auth_token_file else None
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {str(args.out)!r} exists and is not a folder")
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    defaults = sampling_defaults(args.model)
+    return Settings(
+        model=args.model,
+        variants=variants,
+        prompts=prompts,
+        samples_per_prompt=args.samples_per_prompt,
+        seed=args.seed,
+        eta=args.eta,
+        num_steps=args.num_steps or defaults["num_steps"],
+        guidance_scale=defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
+        batch_size=args.batch_size or defaults["batch_size"],
+        rewards=rewards,
+        server=args.reward_server,
+        token=token,
+        timeout=args.timeout,
+        out=args.out,
+    )
+
+
+def load_variants(settings: Settings) -> StableDiffusionPipeline:
+    """The pipeline, with every LoRA of ``settings.variants`` loaded as an adapter named after its variant."""
+    from trainer.sampling import load_pipeline
+
+    pipeline = load_pipeline(settings.model)
+    for variant in settings.variants:
+        if variant.lora is not None:
+            try:
+                pipeline.load_lora_weights(
+                    str(variant.lora.parent), weight_name=variant.lora.name, adapter_name=variant.name
+                )
+            except Exception as error:  # diffusers and safetensors raise many types for a bad file
+                raise ValueError(f"cannot load the LoRA {str(variant.lora)!r}: {error}") from error
+    return pipeline
+
+
+def select_variant(pipeline: StableDiffusionPipeline, variant: Variant) -> None:
+    """Make ``variant`` the pipeline's model: its adapter alone, or none for the base model."""
+    if not pipeline.get_list_adapters():
+        return
+    if variant.lora is None:
+        pipeline.disable_lora()
+    else:
+        pipeline.enable_lora()
+        pipeline.set_adapters([variant.name])
+
+
+def image_path(variant: str, prompt_index: int, sample: int) -> str:
+    return f"images/{variant}/{prompt_index:03d}_{sample:02d}.png"
+
+
+def evaluate(
+    settings: Settings, pipeline: StableDiffusionPipeline, client: AnyRewardClient, device: torch.device
+) -> tuple[list[ImageRecord], RewardServiceError | None]:
+    """Sample and score every variant; stops early (returning the error) if a scoring call fails as a whole."""
+    import torch
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from trainer.sampling import encode_prompts, sample_batch
+
+    plan = [(p, k) for p in range(len(settings.prompts)) for k in range(settings.samples_per_prompt)]
+    starts = range(0, len(plan), settings.batch_size)  # image i of the plan has seed settings.seed + i
+    negative_embeds = encode_prompts(pipeline, [""], device)  # (1, L, D)
+    records: list[ImageRecord] = []
+    for variant in settings.variants:
+        select_variant(pipeline, variant)
+        (settings.out / "images" / variant.name).mkdir(parents=True, exist_ok=True)
+        logger.info("sampling %s: %d images in %d batches", variant.name, len(plan), len(starts))
+        for start in tqdm(starts, desc=f"ddpo eval: {variant.name}", unit="batch"):
+            batch = plan[start : start + settings.batch_size]
+            seeds = [settings.seed + start + j for j in range(len(batch))]
+            prompts = [settings.prompts[p] for p, _ in batch]
+            sampled = sample_batch(
+                pipeline,
+                pipeline.unet,
+                prompts,
+                negative_embeds,
+                settings.num_steps,
+                settings.guidance_scale,
+                settings.eta,
+                [torch.Generator().manual_seed(seed) for seed in seeds],
+                device,
+                allow_deterministic=True,
+            )
+            batch_records = []
+            for (prompt_index, sample), seed, image in zip(batch, seeds, sampled.images, strict=True):
+                path = image_path(variant.name, prompt_index, sample)
+                Image.fromarray(image).save(settings.out / path)
+                batch_records.append(
+                    ImageRecord(variant.name, settings.prompts[prompt_index], prompt_index, sample, seed, path)
+                )
+            records.extend(batch_records)
+            failure = score_batch(client, settings.rewards, sampled.images, prompts, batch_records, settings.timeout)
+            if failure is not None:
+                return records, failure
+    return records, None
+
+
+def score_batch(
+    client: AnyRewardClient,
+    rewards: Sequence[str],
+    images: npt.NDArray[np.uint8],  # (B, H, W, 3)
+    prompts: list[str],
+    records: Sequence[ImageRecord],
+    timeout: float,
+) -> RewardServiceError | None:
+    """Score the batch's uint8 pixels with every reward into ``records``; a call that fails as a whole is recorded
+    on its items and returned."""
+    failure = None
+    for reward in rewards:
+        try:
+            result = client.score(reward, images, prompts=prompts, timeout=timeout)
+        except RewardServiceError as error:
+            failure = error
+            for record in records:
+                record.add_error(reward, call_error(error))
+            continue
+        for record, item in zip(records, result.items, strict=True):
+            record.add_result(reward, item)
+    return failure
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    settings = check_args(parser, args)
+    with open_client(settings.server, timeout=settings.timeout, auth_token=settings.token) as client:
+        try:
+            check_rewards(client, settings.server, settings.rewards, settings.timeout)
+        except (RewardServiceError, TimeoutError) as error:
+            print(f"ddpo eval: reward service at {settings.server}: {error}", file=sys.stderr)
+            return EXIT_SERVICE
+        import torch  # only once the command line and the service are known to be usable
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            pipeline = load_variants(settings)
+        except (OSError, ValueError) as error:
+            print(f"ddpo eval: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        pipeline.to(device)
+        logger.info(
+            "%s: %d prompts × %d samples, seeds %d.., %d steps, guidance %g, eta %g, variants %s",
+            settings.model,
+            len(settings.prompts),
+            settings.samples_per_prompt,
+            settings.seed,
+            settings.num_steps,
+            settings.guidance_scale,
+            settings.eta,
+            ", ".join(v.name for v in settings.variants),
+        )
+        records, failure = evaluate(settings, pipeline, client, device)
+    summary = write_evaluation(settings.out, records, settings.rewards, settings.to_json(args.prompts))
+    failed = 0
+    for record in records:
+        for reward, message in record.errors.items():
+            failed += 1
+            print(f"ddpo eval: {settings.out / record.image}\t{reward}\terror: {message}", file=sys.stderr)
+    for reward, by_variant in summary["rewards"].items():
+        for variant, values in by_variant.items():
+            mean = "–" if values["mean"] is None else f"{values['mean']:.6g} ± {values['std']:.3g}"
+            print(f"{reward}\t{variant}\t{mean}\t({values['count']} scored, {values['failed']} failed)")
+    print(f"ddpo eval: wrote {len(records)} images, results.jsonl, summary.json and report.html to {settings.out}")
+    if failure is not None:
+        print(f"ddpo eval: reward service at {settings.server} failed, stopped early: {failure}", file=sys.stderr)
+        return EXIT_SERVICE
+    return EXIT_ITEMS_FAILED if failed else EXIT_OK
