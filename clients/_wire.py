@@ -204,6 +204,7 @@ class WireBatch:
     reward: str
     items: list[pb.Item]  # raw images carry their shape and dtype but not their bytes
     pixels: list[bytes | None]  # each raw image's bytes, None for encoded images
+    weights: Mapping[str, float] | None = None  # a composite of rewards (ScoreRequest.weights)
 
     def serialize(self) -> bytes:
         """The request's wire bytes; they parse as either request type."""
@@ -221,6 +222,8 @@ class WireBatch:
             image = _field_header(_IMAGE_FIELD, len(raw) + len(data) + len(pixels))
             size = len(body) + len(image) + len(raw) + len(data) + len(pixels)
             parts += [_field_header(_ITEMS_FIELD, size), body, image, raw, data, pixels]
+        if self.weights:
+            parts.append(pb.ScoreRequest(weights=self.weights).SerializeToString())  # field 3 of both request types
         return b"".join(parts)
 
 
@@ -261,14 +264,20 @@ def checked_items(
     encoding: Encoding,
     taken: set[str],
     first_id: int = 0,
+    weights: Mapping[str, float] | None = None,
 ) -> WireBatch:
-    """Check a batch for ``reward`` and build its items; ids default to consecutive numbers from ``first_id``."""
+    """Check a batch for ``reward`` (or for a weighted sum of rewards, then labelled ``reward``) and build its items;
+    ids default to consecutive numbers from ``first_id``."""
     if not reward:
-        raise ValueError("reward must be a non-empty reward name")
+        raise ValueError("reward must be a non-empty reward name (a label, with weights)")
+    if weights is not None:
+        if not weights or not all(isinstance(w, int | float) and not isinstance(w, bool) for w in weights.values()):
+            raise ValueError(f"weights must map reward names to numbers, got {weights!r}")
+        weights = {name: float(weight) for name, weight in weights.items()}
     if ids is None:
         ids = [str(first_id + i) for i in range(len(images))]
     check_ids(ids, taken)
-    return WireBatch(reward, *build_items(images, prompts, metadata, ids, encoding))
+    return WireBatch(reward, *build_items(images, prompts, metadata, ids, encoding), weights=weights)
 
 
 def health_status(service: str, status: int | None, error: grpc.RpcError | None) -> str | None:

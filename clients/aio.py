@@ -83,9 +83,13 @@ class AsyncRewardClient(ChannelOwner):
         ids: Sequence[str] | None = None,
         encoding: Encoding = "raw",
         timeout: float | None = None,
+        weights: Mapping[str, float] | None = None,
     ) -> BatchResult:
-        """Score a batch in one call; results are in the order of ``images``. Per-item failures are in the result."""
-        batch = checked_items(reward, images, prompts, metadata, ids, encoding, taken=set())
+        """Score a batch in one call; results are in the order of ``images``. Per-item failures are in the result.
+
+        With ``weights`` (e.g. ``{"aesthetic": 1.0, "llava_bertscore": 0.5}``), each score is that weighted sum,
+        computed by the server, and ``reward`` only labels it; each result's components hold every reward's score."""
+        batch = checked_items(reward, images, prompts, metadata, ids, encoding, taken=set(), weights=weights)
         response = await self._call("Score", self._score, batch, timeout)
         return BatchResult(order_results(batch.items, response.results))
 

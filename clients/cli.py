@@ -12,6 +12,7 @@ COMMANDS = {
     "score": ("clients.score_cli", "client", "score image files with a reward server"),
     "train": ("trainer.cli", "trainer", "fine-tune a diffusion model with DDPO against a reward server"),
     "eval": ("trainer.eval_cli", "trainer", "sample a model with fixed seeds and score it with the reward service"),
+    "admin": ("clients.admin_cli", "client", "register, unregister and list a reward server's remote endpoints"),
     "triton": ("reward_server.triton.cli", "server", "export the rewards as a Triton model repository, or serve one"),
 }
 

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from reward_server.metrics import ServerMetrics
-from reward_server.rewards import ItemError, Metadata, Reward, RewardOutput
+from reward_server.rewards import ItemError, Metadata, Reward, RewardOutput, RewardSpec
 from reward_server.wire import DecodedItem
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,10 @@ class RewardWorker:
         self._executor = concurrent.futures.ThreadPoolExecutor(self.instances, thread_name_prefix=self.name)
         self._scoring: set[asyncio.Task[None]] = set()
         self._batcher: asyncio.Task[None] | None = None
+
+    @property
+    def spec(self) -> RewardSpec:
+        return self.reward.spec
 
     def start(self) -> None:
         self._batcher = asyncio.create_task(self._run(), name=f"batcher-{self.name}")

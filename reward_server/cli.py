@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from reward_server.config import ConfigError, RewardConfig, ServerConfig, load_config
+from reward_server.config import ConfigError, RewardConfig, ServerConfig, load_config, load_plugins
 from reward_server.logs import configure_logging
-from reward_server.rewards import REWARD_TYPES
+from reward_server.plugins import reward_types
 from reward_server.server import RewardServer, serve
 
 DEFAULT_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
@@ -21,14 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddpo serve",
         description="Serve rewards over gRPC (ddpo.reward.v1.RewardService).",
-        epilog=f"Reward types: {', '.join(sorted(REWARD_TYPES))}. Flags override the config file.",
+        epilog=f"Reward types: {', '.join(reward_types())} (and those of --plugin modules). "
+        "Flags override the config file.",
     )
-    parser.add_argument(
-        "--rewards",
-        help="comma-separated rewards to serve; each is configured in --config or "
-        f"takes default settings (default: the config's rewards, else {','.join(DEFAULT_REWARDS)})",
-    )
-    parser.add_argument("--config", type=Path, help="TOML or YAML file with [server] and [rewards.NAME] tables")
+    add_reward_arguments(parser, "serve")
     parser.add_argument("--host", help="interface to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one and prints it)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: a free one)")
@@ -38,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key: TLS only)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key")
     parser.add_argument("--auth-token-file", type=Path, help="require `authorization: Bearer <token in file>`")
+    parser.add_argument(
+        "--admin-token-file", type=Path, help="enable the RewardAdmin RPCs (runtime endpoints) with this token"
+    )
+    parser.add_argument("--endpoints-file", type=Path, help="JSON file that keeps runtime endpoints across restarts")
     parser.add_argument(
         "--frontend",
         choices=["grpc", "pytriton"],
@@ -51,8 +51,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
+def add_reward_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """--rewards, --config and --plugin: which rewards, with which settings (``read_config``)."""
+    parser.add_argument(
+        "--rewards",
+        help=f"comma-separated rewards to {verb}; each is configured in --config or "
+        f"takes default settings (default: the config's rewards, else {','.join(DEFAULT_REWARDS)})",
+    )
+    parser.add_argument("--config", type=Path, help="TOML or YAML file with [server] and [rewards.NAME] tables")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this module first; its reward types can then be served (repeatable; see docs/custom-rewards.md)",
+    )
+
+
+def read_config(args: argparse.Namespace) -> ServerConfig:
+    """The config file (after the --plugin modules, which its rewards may use) with the --rewards selection."""
+    load_plugins(args.plugin, "--plugin")
     config = load_config(args.config) if args.config else ServerConfig()
+    plugins = tuple(dict.fromkeys([*args.plugin, *config.plugins]))
+    return dataclasses.replace(config, plugins=plugins, rewards=select_rewards(config, args.rewards))
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    config = read_config(args)
     overrides = {
         name: getattr(args, name)
         for name in (
@@ -65,11 +90,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             "tls_cert",
             "tls_key",
             "auth_token_file",
+            "admin_token_file",
+            "endpoints_file",
         )
         if getattr(args, name) is not None
     }
-    rewards = select_rewards(config, args.rewards)
-    return dataclasses.replace(config, rewards=rewards, **overrides)
+    return dataclasses.replace(config, **overrides)
 
 
 def select_rewards(config: ServerConfig, names_flag: str | None) -> tuple[RewardConfig, ...]:
@@ -81,12 +107,12 @@ def select_rewards(config: ServerConfig, names_flag: str | None) -> tuple[Reward
     if not names:
         raise ConfigError("--rewards is empty; name at least one reward")
     configured = {r.name: r for r in config.rewards}
-    unknown = [n for n in names if n not in configured and n not in REWARD_TYPES]
+    types = reward_types()
+    unknown = [n for n in names if n not in configured and n not in types]
     if unknown:
         raise ConfigError(
             f"--rewards: unknown reward(s) {', '.join(unknown)}; known types: "
-            f"{', '.join(sorted(REWARD_TYPES))}"
-            + (f"; configured: {', '.join(sorted(configured))}" if configured else "")
+            f"{', '.join(types)}" + (f"; configured: {', '.join(sorted(configured))}" if configured else "")
         )
     return tuple(configured.get(n) or RewardConfig(name=n, type=n) for n in names)
 

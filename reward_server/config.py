@@ -3,6 +3,7 @@
     [server]
     host = "127.0.0.1"
     port = 50051
+    plugins = ["my_rewards"]                # modules that register reward types (reward_server.plugins)
 
     [rewards.jpeg_compressibility]          # served name; the type defaults to it
     max_batch_size = 64
@@ -12,6 +13,14 @@
     max_image_size = [1024, 1024]
     options = {}                            # passed to the reward's constructor
 
+    [rewards.judge]                         # a reward served by another endpoint (reward_server.rewards.remote)
+    type = "remote"
+    options = { url = "grpc://10.0.0.5:50051/aesthetic", timeout_s = 30 }
+
+    [rewards.both]                          # a weighted sum of other served rewards (reward_server.composite)
+    type = "composite"
+    weights = { jpeg_compressibility = 1.0, judge = 0.5 }
+
 Every key is checked: an unknown key is an error that lists the known ones.
 """
 
@@ -20,14 +29,15 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from reward_server.batching import BatchingConfig
-from reward_server.rewards import REWARD_TYPES
+from reward_server.composite import COMPOSITE, check_weights
+from reward_server.plugins import PluginError, load_plugin, reward_types
 
 MiB = 1 << 20
 
@@ -43,12 +53,14 @@ class RewardConfig:
     name: str
     """Name clients use in requests."""
     type: str
-    """Reward type from the registry (``reward_server.rewards.REWARD_TYPES``)."""
+    """Reward type: built-in, from a plugin, or from an installed package (``reward_server.plugins``)."""
     batching: BatchingConfig = dataclasses.field(default_factory=BatchingConfig)
     max_image_size: tuple[int, int] | None = None
     """Tighter (height, width) limit than the reward's own; None keeps the reward's."""
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Keyword arguments for the reward's constructor."""
+    weights: Mapping[str, float] | None = None
+    """For type "composite" only: the served rewards it adds up, with their weights."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +82,14 @@ class ServerConfig:
     tls_key: Path | None = None
     auth_token_file: Path | None = None
     """File holding a bearer token that every RewardService call must send (``authorization: Bearer <token>``)."""
+    admin_token_file: Path | None = None
+    """File holding the token RewardAdmin calls must send (``authorization: Bearer <token>``); None disables them."""
+    endpoints_file: Path | None = None
+    """JSON file where endpoints registered at runtime are saved, and read back at startup."""
+    health_interval_s: float = 5.0
+    """How often the health of remote endpoints is checked and mirrored in this server's health service."""
+    plugins: tuple[str, ...] = ()
+    """Plugin modules, imported before the rewards are built (``load_plugins``)."""
     rewards: tuple[RewardConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -81,17 +101,30 @@ class ServerConfig:
             raise ConfigError(f"max_message_mb must be >= 4, got {self.max_message_mb}")
         if self.max_concurrent_rpcs < 1:
             raise ConfigError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
+        if not 0.1 <= self.health_interval_s <= 3600:
+            raise ConfigError(f"health_interval_s must be in [0.1, 3600], got {self.health_interval_s}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together: give both, or neither")
         names = [r.name for r in self.rewards]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError(f"reward name(s) configured twice: {', '.join(duplicates)}")
+        rewards = {r.name: r for r in self.rewards if r.type != COMPOSITE}
+        for composite in self.rewards:
+            missing = [c for c in composite.weights or {} if c not in rewards]
+            if missing:
+                raise ConfigError(
+                    f"composite {composite.name!r} adds up {', '.join(missing)}, which this server does not serve "
+                    f"as plain rewards; serve them too (served: {', '.join(sorted(rewards)) or 'none'})"
+                )
 
 
 _SERVER_KEYS = {f.name for f in dataclasses.fields(ServerConfig)} - {"rewards"}
-_BATCHING_KEYS = {f.name for f in dataclasses.fields(BatchingConfig)}
-_REWARD_KEYS = {"type", "options", "max_image_size"} | _BATCHING_KEYS
+_LIST_KEYS = {"plugins"}
+BATCHING_KEYS = {f.name for f in dataclasses.fields(BatchingConfig)}
+_REWARD_KEYS = {"type", "options", "max_image_size"} | BATCHING_KEYS
+_COMPOSITE_KEYS = {"type", "weights"}
+_PATH_KEYS = ("tls_cert", "tls_key", "auth_token_file", "admin_token_file", "endpoints_file")
 
 
 # What a TOML/YAML value may be for each annotated type (paths are written as strings).
@@ -122,18 +155,40 @@ def _reject_unknown(section: str, given: Mapping[str, Any], known: set[str]) -> 
         raise ConfigError(f"{section}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
 
 
-def _reward_config(name: str, table: Any) -> RewardConfig:
+def reward_table(config: RewardConfig) -> dict[str, Any]:
+    """The config-file table that ``reward_config`` reads back as ``config`` (settings left at defaults omitted)."""
+    if config.type == COMPOSITE:
+        return {"type": COMPOSITE, "weights": dict(config.weights or {})}
+    table: dict[str, Any] = {"type": config.type, "options": dict(config.options)}
+    if config.max_image_size is not None:
+        table["max_image_size"] = list(config.max_image_size)
+    defaults = BatchingConfig()
+    for key in BATCHING_KEYS:
+        if getattr(config.batching, key) != getattr(defaults, key):
+            table[key] = getattr(config.batching, key)
+    return table
+
+
+def reward_config(name: str, table: Any) -> RewardConfig:
+    """One ``[rewards.NAME]`` table, checked."""
     section = f"[rewards.{name}]"
     if table is None:
         table = {}
     if not isinstance(table, Mapping):
         raise ConfigError(f"{section} must be a table of settings, got {type(table).__name__}")
-    _reject_unknown(section, table, _REWARD_KEYS)
     reward_type = table.get("type", name)
-    if reward_type not in REWARD_TYPES:
+    if reward_type == COMPOSITE:
+        _reject_unknown(f"{section} (a composite)", table, _COMPOSITE_KEYS)
+        try:
+            weights = check_weights(table.get("weights"), f"{section}.weights")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        return RewardConfig(name=name, type=COMPOSITE, weights=weights)
+    _reject_unknown(section, table, _REWARD_KEYS)
+    if reward_type not in reward_types():
         raise ConfigError(
             f"{section}: unknown reward type {reward_type!r}; known types: "
-            f"{', '.join(sorted(REWARD_TYPES))} (set `type = ...` when the name differs)"
+            f"{', '.join(reward_types())} (set `type = ...` when the name differs, or load its plugin)"
         )
     options = table.get("options", {})
     if not isinstance(options, Mapping):
@@ -147,7 +202,7 @@ def _reward_config(name: str, table: Any) -> RewardConfig:
         ):
             raise ConfigError(f"{section}.max_image_size must be [height, width] in pixels, got {max_image_size!r}")
         max_image_size = (max_image_size[0], max_image_size[1])
-    batching_values = {k: v for k, v in table.items() if k in _BATCHING_KEYS}
+    batching_values = {k: v for k, v in table.items() if k in BATCHING_KEYS}
     _check_types(section, batching_values, BatchingConfig)
     try:
         batching = BatchingConfig(**batching_values)
@@ -168,14 +223,28 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> ServerConfi
     if not isinstance(server, Mapping) or not isinstance(rewards, Mapping):
         raise ConfigError(f"{source}: [server] and [rewards] must be tables")
     _reject_unknown(f"{source} [server]", server, _SERVER_KEYS)
-    _check_types(f"{source} [server]", server, ServerConfig)
-    paths = {k: Path(v) for k, v in server.items() if k in ("tls_cert", "tls_key", "auth_token_file")}
+    _check_types(f"{source} [server]", {k: v for k, v in server.items() if k not in _LIST_KEYS}, ServerConfig)
+    paths = {k: Path(v) for k, v in server.items() if k in _PATH_KEYS}
+    plugins = server.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(module, str) for module in plugins):
+        raise ConfigError(f"{source} [server] plugins must be a list of module names, got {plugins!r}")
+    load_plugins(plugins, f"{source} [server] plugins")
     try:
         return ServerConfig(
-            **{**server, **paths}, rewards=tuple(_reward_config(str(name), table) for name, table in rewards.items())
+            **{**server, **paths, "plugins": tuple(plugins)},
+            rewards=tuple(reward_config(str(name), table) for name, table in rewards.items()),
         )
     except TypeError as error:
         raise ConfigError(f"{source}: {error}") from None
+
+
+def load_plugins(modules: Sequence[str], source: str) -> None:
+    """Import plugin modules so that their reward types can be configured; ConfigError naming the broken one."""
+    for module in modules:
+        try:
+            load_plugin(module)
+        except PluginError as error:
+            raise ConfigError(f"{source}: {error}") from None
 
 
 def load_config(path: Path) -> ServerConfig:

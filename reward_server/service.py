@@ -12,13 +12,14 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 import grpc
 
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
 from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
 from reward_server.batching import ItemOutcome, QueueFull, RewardWorker
+from reward_server.composite import CompositeScorer, check_weights
 from reward_server.metrics import ServerMetrics
 from reward_server.rewards import ItemError, RewardSpec
 from reward_server.wire import DecodedItem, ItemInvalid, decode_item, error_result, ok_result, spec_to_proto
@@ -31,6 +32,19 @@ _RESULTS_PER_STREAM_MESSAGE = 256
 LOADING = "is still loading"  # the state of a reward whose load has not finished; any other state is a failure
 
 
+class Scorer(Protocol):
+    """What scores a request's items: a reward's worker, or a composite of workers."""
+
+    name: str
+
+    @property
+    def spec(self) -> RewardSpec: ...
+
+    async def submit(self, items: list[DecodedItem]) -> list[asyncio.Future[ItemOutcome]]: ...
+
+    async def submit_nowait(self, items: list[DecodedItem]) -> list[asyncio.Future[ItemOutcome]]: ...
+
+
 def reward_health_name(reward: str) -> str:
     """The health-check service name of one reward, e.g. "reward/jpeg_compressibility"."""
     return f"reward/{reward}"
@@ -39,14 +53,14 @@ def reward_health_name(reward: str) -> str:
 class RewardServicer(pb_grpc.RewardServiceServicer):
     def __init__(
         self,
-        workers: Mapping[str, RewardWorker],
+        scorers: Mapping[str, Scorer],
         specs: Mapping[str, RewardSpec],
         unavailable: Mapping[str, str],
         metrics: ServerMetrics,
     ) -> None:
-        """``workers``: the rewards ready to score; ``specs``: every configured reward; ``unavailable``: why the
-        others cannot score yet. The server updates all three as rewards load."""
-        self._workers = workers
+        """``scorers``: the rewards ready to score; ``specs``: every configured reward; ``unavailable``: why the
+        others cannot score yet. The server updates all three as rewards load and endpoints come and go."""
+        self._scorers = scorers
         self._specs = specs
         self._unavailable = unavailable
         self._metrics = metrics
@@ -81,11 +95,10 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         async with self._track("Score", context):
             started = time.perf_counter()
-            worker = self._workers.get(request.reward)
-            if worker is None:
-                problem = self._not_ready(request.reward)
-                raise _CallFailed(problem.code, problem.message)
-            valid, rejected = _validate(request.items, "items", worker.reward.spec, seen=set())
+            worker = self._scorer(request.reward, request.weights)
+            if isinstance(worker, ItemError):
+                raise _CallFailed(worker.code, worker.message)
+            valid, rejected = _validate(request.items, "items", worker.spec, seen=set())
             results = {index: self._answer(worker.name, item_id, error, started) for index, item_id, error in rejected}
             try:
                 futures = await worker.submit_nowait([decoded for _, decoded in valid])
@@ -142,14 +155,14 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 field = f"messages[{message_index}].items"
                 message_index += 1
                 arrived = time.perf_counter()
-                worker = self._workers.get(request.reward)
-                if worker is None:
-                    unknown = self._not_ready(request.reward)
+                worker = self._scorer(request.reward, request.weights)
+                if isinstance(worker, ItemError):
+                    unknown = worker
                     for index, item in enumerate(request.items):
                         error = _id_error(item.id, f"{field}[{index}].id", seen) or unknown
                         answers.put_nowait(self._answer(request.reward, item.id, error, arrived))
                     continue
-                valid, rejected = _validate(request.items, field, worker.reward.spec, seen)
+                valid, rejected = _validate(request.items, field, worker.spec, seen)
                 for _, item_id, error in rejected:
                     answers.put_nowait(self._answer(worker.name, item_id, error, arrived))
                 decoded_items = [decoded for _, decoded in valid]
@@ -168,6 +181,31 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 answers.put_nowait(self._answer(reward, item_id, future.result(), arrived))
 
         return deliver
+
+    def _scorer(self, reward: str, weights: Mapping[str, float]) -> Scorer | ItemError:
+        """What scores ``reward``, or a weighted sum of rewards when ``weights`` is set; else why nothing can."""
+        if not weights:
+            return self._scorers.get(reward) or self._not_ready(reward)
+        label = reward or "weights"
+        try:
+            weights = check_weights(weights, "weights")
+        except ValueError as error:
+            return ItemError(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        workers = {}
+        for component in weights:
+            scorer = self._scorers.get(component)
+            if scorer is None:
+                return self._not_ready(component)
+            if not isinstance(scorer, RewardWorker):
+                return ItemError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"weights: {component!r} is itself a composite; weigh its components instead",
+                )
+            workers[component] = scorer
+        try:
+            return CompositeScorer(label, weights, workers)
+        except ValueError as error:
+            return ItemError(grpc.StatusCode.INVALID_ARGUMENT, f"weights: {error}")
 
     def _not_ready(self, reward: str) -> ItemError:
         """Why ``reward`` cannot score: still loading (UNAVAILABLE), failed to load, or not offered at all."""
@@ -199,7 +237,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         that reads the metrics right after its error must see it."""
         if self._draining:
             self._metrics.requests.labels(method, "UNAVAILABLE").inc()
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         code: str | None = "OK"  # None once counted
         self._active += 1
         self._idle.clear()
@@ -208,7 +246,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         except _CallFailed as failure:
             self._metrics.requests.labels(method, failure.code.name).inc()
             code = None
-            await _abort(context, failure.code, failure.message)
+            await abort(context, failure.code, failure.message)
         except asyncio.CancelledError:
             code = "DEADLINE_EXCEEDED" if (context.time_remaining() or 1.0) <= 0 else "CANCELLED"
             raise
@@ -233,7 +271,7 @@ class _CallFailed(Exception):
         self.message = message
 
 
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
     """Fail the RPC with ``code``; ``context.abort`` raises, which its (untyped) signature does not say."""
     await context.abort(code, message)
     raise AssertionError("context.abort returned")

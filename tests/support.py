@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,16 @@ from reward_server.server import RewardServer
 
 ROOT = Path(__file__).resolve().parent.parent
 # The real LAION aesthetic head (not committed): tests that need it skip when it is absent.
+EXAMPLE_PLUGIN = ROOT / "docs" / "examples" / "custom-reward"  # the module ddpo_example_rewards
 HEAD = ROOT.parent / "shared" / "assets" / "laion-aesthetic-v2" / HEAD_FILE
 needs_head = pytest.mark.skipif(not HEAD.is_file(), reason=f"the real LAION aesthetic head is not at {HEAD}")
+
+
+def plugin_env(*paths: Path) -> dict[str, str]:
+    """This process's environment with ``paths`` (default: the example plugin's folder) first on PYTHONPATH."""
+    folders = [str(p) for p in (paths or (EXAMPLE_PLUGIN,))]
+    path = os.pathsep.join([*folders, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def mean_pixel(images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float64]:
@@ -176,8 +184,10 @@ class ServerProcess:
         module: str = "reward_server",
         command: Sequence[str] | None = None,
         wait_ready: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.command = [*(command or [sys.executable, "-m", module]), "--port", "0", *args]
+        self.env = dict(env if env is not None else os.environ)
         self.wait_ready = wait_ready
         self.proc: subprocess.Popen[str] | None = None
         self.address = ""
@@ -185,7 +195,7 @@ class ServerProcess:
         self.stderr = ""
 
     def __enter__(self) -> ServerProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**self.env, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             self.command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
@@ -237,8 +247,15 @@ class TritonProcess:
     another command (``ddpo serve --frontend pytriton``) given the ports. Its log goes to ``log_file``."""
 
     def __init__(
-        self, log_file: Path, rewards: Sequence[str], *, repository: Path | None = None, command: Sequence[str] = ()
+        self,
+        log_file: Path,
+        rewards: Sequence[str],
+        *,
+        repository: Path | None = None,
+        command: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        self.env = dict(env if env is not None else os.environ)
         self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         ports = [f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}"]
         if repository is not None:
@@ -257,7 +274,7 @@ class TritonProcess:
         from clients import TritonRewardClient
 
         with self.log_file.open("wb") as log:
-            self.proc = subprocess.Popen(self.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         try:
             with TritonRewardClient(self.address) as client:
                 client.wait_ready(timeout=180, rewards=self.rewards)

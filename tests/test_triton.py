@@ -21,19 +21,24 @@ import numpy.typing as npt
 import pytest
 
 from clients import RewardClient, RewardServiceError, TritonRewardClient
-from tests.support import DDPO, HEAD, ROOT, ServerProcess, TritonProcess, free_port
+from reward_server.rewards.remote import RemoteReward
+from tests.support import DDPO, HEAD, ROOT, ServerProcess, ServerThread, TritonProcess, free_port, plugin_env
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'ddpo[triton]')")
 pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
 
 JPEG = ("jpeg_compressibility", "jpeg_incompressibility")
+PLUGIN = "brightness"  # a plugin's reward (docs/examples/custom-reward), exported and served like built-in ones
 
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> Path:
-    """JPEG rewards, a queue delay long enough to see batching, and (with the real head) a tiny-backbone aesthetic."""
+    """JPEG rewards, a queue delay long enough to see batching, a plugin's reward, and (with the real head) a
+    tiny-backbone aesthetic."""
     path = tmp_path_factory.mktemp("triton-config") / "rewards.toml"
-    text = "".join(f"[rewards.{name}]\nmax_batch_size = 16\nmax_queue_delay_ms = 200\n\n" for name in JPEG)
+    text = '[server]\nplugins = ["ddpo_example_rewards"]\n\n'
+    text += "".join(f"[rewards.{name}]\nmax_batch_size = 16\nmax_queue_delay_ms = 200\n\n" for name in JPEG)
+    text += f"[rewards.{PLUGIN}]\noptions = {{ gamma = 2.2 }}\n\n"
     if HEAD.is_file():
         text += f'[rewards.aesthetic]\noptions = {{ clip_model = "{tiny_clip}", head_path = "{HEAD}" }}\n'
     path.write_text(text)
@@ -42,7 +47,7 @@ def config_file(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> Pa
 
 @pytest.fixture(scope="module")
 def grpc_server(config_file: Path) -> Iterator[ServerProcess]:
-    with ServerProcess("--config", str(config_file)) as server:
+    with ServerProcess("--config", str(config_file), env=plugin_env()) as server:
         yield server
 
 
@@ -55,6 +60,7 @@ def repository(config_file: Path, tmp_path_factory: pytest.TempPathFactory) -> P
         capture_output=True,
         text=True,
         timeout=120,
+        env=plugin_env(),
     )
     assert done.returncode == 0, done.stderr
     return out
@@ -67,16 +73,16 @@ def triton(
     """The exported repository on `ddpo triton serve`, or the same config on `ddpo serve --frontend pytriton`."""
     log = tmp_path_factory.mktemp("triton") / f"{request.param}.log"
     if request.param == "tritonserver":
-        server = TritonProcess(log, _rewards(config_file), repository=repository)
+        server = TritonProcess(log, _rewards(config_file), repository=repository, env=plugin_env())
     else:
         command = [*DDPO, "serve", "--frontend", "pytriton", "--config", str(config_file)]
-        server = TritonProcess(log, _rewards(config_file), command=command)
+        server = TritonProcess(log, _rewards(config_file), command=command, env=plugin_env())
     with server:
         yield server
 
 
 def _rewards(config_file: Path) -> list[str]:
-    return [*JPEG, "aesthetic"] if "aesthetic" in config_file.read_text() else list(JPEG)
+    return [*JPEG, PLUGIN, *(["aesthetic"] if "aesthetic" in config_file.read_text() else [])]
 
 
 def test_the_exported_repository_has_triton_s_layout(repository: Path, config_file: Path) -> None:
@@ -88,6 +94,8 @@ def test_the_exported_repository_has_triton_s_layout(repository: Path, config_fi
         assert 'name: "IMAGES" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ]' in config
         assert "class TritonPythonModel" in (repository / name / "1" / "model.py").read_text()
     assert "max_batch_size: 16" in (repository / "jpeg_compressibility" / "config.pbtxt").read_text()
+    # the plugin's model imports the plugin module before building its reward
+    assert '\\"plugins\\": [\\"ddpo_example_rewards\\"]' in (repository / PLUGIN / "config.pbtxt").read_text()
 
 
 def test_triton_lists_the_same_rewards_as_the_grpc_server(
@@ -121,7 +129,7 @@ def test_triton_scores_equal_the_grpc_server_s(
             assert [r.id for r in got.items] == [str(i) for i in range(len(images))]
             # Triton's SCORES are FP32: the same numbers, rounded to float32. A model reward's float32 forward pass
             # may differ in the last bit when the batch is split differently (Triton batches per image size).
-            tolerance = 0 if reward in JPEG else 1e-6
+            tolerance = 0 if reward in (*JPEG, PLUGIN) else 1e-6
             np.testing.assert_allclose(got.scores, expected.scores.astype(np.float32), rtol=tolerance, atol=0)
             assert [r.info for r in got.items] == [r.info for r in expected.items]
             assert len(set(got.scores)) > 1
@@ -209,6 +217,30 @@ def test_the_model_validates_each_item_like_the_grpc_server(triton: TritonProces
     assert np.isfinite(batch.items[1].score)
 
 
+def test_a_triton_model_serves_as_a_remote_endpoint_of_the_grpc_server(
+    triton: TritonProcess, photo_batch: npt.NDArray[np.uint8]
+) -> None:
+    remote = RemoteReward("via_triton", f"{triton.address}/{PLUGIN}", timeout_s=30)
+    if triton.frontend == "pytriton":  # no repository index, so no spec to serve: it fails to load, saying why
+        with ServerThread([remote]) as front, RewardClient(front.address) as client:
+            (info,) = client.list_rewards()
+        assert "FAILED_PRECONDITION" in info.load_error
+        assert "ddpo triton serve" in info.load_error
+        return
+    with (
+        ServerThread([remote]) as front,
+        RewardClient(front.address) as client,
+        TritonRewardClient(triton.address) as direct,
+    ):
+        (info,) = client.list_rewards()
+        got = client.score("via_triton", photo_batch)
+        expected = direct.score(PLUGIN, photo_batch)
+        with pytest.raises(RuntimeError, match=f"no reward 'nope'; it offers .*{PLUGIN}"):
+            RemoteReward("nope", f"{triton.address}/nope").load()
+    assert info.description == "Mean luma (BT.601) of the image after a gamma curve, 0-255"
+    assert list(got.scores) == list(expected.scores)  # Triton's float32 scores, passed through as they are
+
+
 def test_the_deploy_repository_is_in_sync_with_the_exporter(tmp_path: Path) -> None:
     deploy = ROOT / "deploy" / "triton"
     check = [*DDPO, "triton", "export", "--config", str(deploy / "rewards.toml"), "--check", "--out"]
@@ -239,8 +271,10 @@ def test_ddpo_train_runs_against_triton(triton: TritonProcess, tmp_path: Path) -
             "--epochs",
             "2",
             "sample.num_batches_per_epoch=2",
+            "sample.num_steps=5",
             "eval.enabled=false",
             "log.tensorboard=false",
+            "log.images_every=0",
         ],
         cwd=ROOT,
         capture_output=True,

@@ -117,7 +117,8 @@ class RewardOutput:
 class Reward(abc.ABC):
     """Base class of every reward. Subclasses set ``spec`` and implement ``score``.
 
-    ``load`` does the slow part (model weights); servers call it once, off the event loop, before serving.
+    ``load`` does the slow part (model weights); servers call it once, off the event loop, before serving, and
+    ``close`` once they stop serving it.
     ``score`` may be called from several worker threads at once, one batch per instance. Unless configured
     otherwise, a server runs ``preferred_instances`` of them (more than 1 only pays when ``score`` releases the GIL)
     and hands at most ``preferred_max_batch_size`` items to one call.
@@ -129,6 +130,9 @@ class Reward(abc.ABC):
 
     def load(self) -> None:  # noqa: B027 - optional hook: rewards without weights have nothing to load
         """Load weights or other expensive state. The default does nothing."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook: most rewards hold nothing to release
+        """Release connections or other resources when the server stops serving the reward. The default does nothing."""
 
     @abc.abstractmethod
     def score(

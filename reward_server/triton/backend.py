@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +22,8 @@ from google.protobuf import json_format
 
 from clients import triton_contract as tc
 from reward_server.batching import ItemOutcome, score_items
-from reward_server.config import ConfigError, RewardConfig, parse_config
+from reward_server.config import BATCHING_KEYS, ConfigError, RewardConfig, parse_config, reward_table
+from reward_server.plugins import plugin_module
 from reward_server.rewards import ItemError, Reward
 from reward_server.server import build_rewards
 from reward_server.wire import DecodedItem, ItemInvalid, check_prompt, spec_to_proto
@@ -34,17 +37,20 @@ class RequestInvalid(ValueError):
 
 
 def reward_config_json(config: RewardConfig) -> str:
-    """How the model builds its reward: the reward's table of the server config, as JSON."""
-    table: dict[str, Any] = {"type": config.type, "options": dict(config.options)}
-    if config.max_image_size is not None:
-        table["max_image_size"] = list(config.max_image_size)
-    return json.dumps({config.name: table}, sort_keys=True)
+    """How the model builds its reward: a server config (JSON) with the reward's table, and the plugin module that
+    provides its type, if any."""
+    table = {key: value for key, value in reward_table(config).items() if key not in BATCHING_KEYS}
+    data: dict[str, Any] = {"rewards": {config.name: table}}
+    module = plugin_module(config.type)
+    if module is not None:
+        data["server"] = {"plugins": [module]}
+    return json.dumps(data, sort_keys=True)
 
 
 def reward_from_config_json(text: str, gpu: int | None) -> Reward:
     """Build (not load) the reward ``reward_config_json`` describes; on a GPU instance, place it on that GPU."""
     try:
-        (config,) = parse_config({"rewards": json.loads(text)}, source=tc.REWARD_PARAMETER).rewards
+        (config,) = parse_config(json.loads(text), source=tc.REWARD_PARAMETER).rewards
     except (ValueError, TypeError) as error:  # ConfigError, JSONDecodeError, not exactly one reward
         raise ConfigError(f"model parameter {tc.REWARD_PARAMETER} is not a single reward's table: {error}") from None
     if gpu is not None:
@@ -186,6 +192,11 @@ class TritonRewardModel:
                 "write its repository with `ddpo triton export`"
             )
         gpu = int(args["model_instance_device_id"]) if args["model_instance_kind"] == "GPU" else None
+        # The stub's embedded interpreter does not read PYTHONPATH; plugins found through it by `ddpo serve` must be
+        # found by the model too.
+        for folder in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
+            if folder and folder not in sys.path:
+                sys.path.insert(0, folder)
         reward = reward_from_config_json(parameters[tc.REWARD_PARAMETER], gpu)
         reward.load()
         self.reward = reward

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from reward_server.cli import select_rewards
-from reward_server.config import ConfigError, ServerConfig, load_config
+from reward_server.cli import add_reward_arguments, read_config
+from reward_server.config import ConfigError
 from reward_server.triton.export import export_repository, repository_differences
 from reward_server.triton.launch import tritonserver_command
 
@@ -21,8 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpo triton", description="Deploy the rewards on Triton Inference Server.")
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="write a Triton model repository, one model per reward")
-    export.add_argument("--rewards", help="comma-separated rewards (default: the config's, else the JPEG rewards)")
-    export.add_argument("--config", type=Path, help="the reward server's TOML/YAML config: options and batching")
+    add_reward_arguments(export, "export")
     export.add_argument("--out", type=Path, required=True, help="model repository folder")
     export.add_argument("--check", action="store_true", help="write nothing; exit 1 if --out differs from the export")
     serve = commands.add_parser("serve", help="run tritonserver (system or bundled) on a model repository")
@@ -36,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
-    config = load_config(args.config) if args.config else ServerConfig()
-    rewards = select_rewards(config, args.rewards)
+    rewards = read_config(args).rewards
     if args.check:
         problems = repository_differences(rewards, args.out)
         for problem in problems:

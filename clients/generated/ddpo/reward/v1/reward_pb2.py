@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-clients/generated/ddpo/reward/v1/reward.proto\x12\x0e\x64\x64po.reward.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x14\n\x12ListRewardsRequest\"\xbf\x01\n\x13ListRewardsResponse\x12+\n\x07rewards\x18\x01 \x03(\x0b\x32\x1a.ddpo.reward.v1.RewardSpec\x12H\n\x0bload_errors\x18\x02 \x03(\x0b\x32\x33.ddpo.reward.v1.ListRewardsResponse.LoadErrorsEntry\x1a\x31\n\x0fLoadErrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xde\x01\n\nRewardSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05units\x18\x04 \x01(\t\x12,\n\tdirection\x18\x05 \x01(\x0e\x32\x19.ddpo.reward.v1.Direction\x12\x17\n\x0frequires_prompt\x18\x06 \x01(\x08\x12-\n\nimage_spec\x18\x07 \x01(\x0b\x32\x19.ddpo.reward.v1.ImageSpec\x12\x17\n\x0f\x63omponent_names\x18\x08 \x03(\t\"\x92\x01\n\tImageSpec\x12\x10\n\x08\x63hannels\x18\x01 \x03(\r\x12%\n\x06\x64types\x18\x02 \x03(\x0e\x32\x15.ddpo.reward.v1.DType\x12\x12\n\nmin_height\x18\x03 \x01(\r\x12\x11\n\tmin_width\x18\x04 \x01(\r\x12\x12\n\nmax_height\x18\x05 \x01(\r\x12\x11\n\tmax_width\x18\x06 \x01(\r\"o\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12$\n\x05\x64type\x18\x05 \x01(\x0e\x32\x15.ddpo.reward.v1.DType\"I\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12+\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1b.ddpo.reward.v1.ImageFormat\"i\n\x05Image\x12\'\n\x03raw\x18\x01 \x01(\x0b\x32\x18.ddpo.reward.v1.RawImageH\x00\x12/\n\x07\x65ncoded\x18\x02 \x01(\x0b\x32\x1c.ddpo.reward.v1.EncodedImageH\x00\x42\x06\n\x04kind\"\x83\x01\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x05image\x18\x02 \x01(\x0b\x32\x15.ddpo.reward.v1.Image\x12\x13\n\x06prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\t\n\x07_prompt\"C\n\x0cScoreRequest\x12\x0e\n\x06reward\x18\x01 \x01(\t\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.ddpo.reward.v1.Item\"=\n\rScoreResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.ddpo.reward.v1.ScoreResult\"I\n\x12ScoreStreamRequest\x12\x0e\n\x06reward\x18\x01 \x01(\t\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.ddpo.reward.v1.Item\"C\n\x13ScoreStreamResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.ddpo.reward.v1.ScoreResult\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa6\x02\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0b\x32\x16.ddpo.reward.v1.Status\x12\r\n\x05score\x18\x03 \x01(\x01\x12?\n\ncomponents\x18\x04 \x03(\x0b\x32+.ddpo.reward.v1.ScoreResult.ComponentsEntry\x12\x33\n\x04info\x18\x05 \x03(\x0b\x32%.ddpo.reward.v1.ScoreResult.InfoEntry\x1a\x31\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a+\n\tInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*e\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44IRECTION_HIGHER_IS_BETTER\x10\x01\x12\x1d\n\x19\x44IRECTION_LOWER_IS_BETTER\x10\x02*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02*X\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x32\x89\x02\n\rRewardService\x12V\n\x0bListRewards\x12\".ddpo.reward.v1.ListRewardsRequest\x1a#.ddpo.reward.v1.ListRewardsResponse\x12\x44\n\x05Score\x12\x1c.ddpo.reward.v1.ScoreRequest\x1a\x1d.ddpo.reward.v1.ScoreResponse\x12Z\n\x0bScoreStream\x12\".ddpo.reward.v1.ScoreStreamRequest\x1a#.ddpo.reward.v1.ScoreStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-clients/generated/ddpo/reward/v1/reward.proto\x12\x0e\x64\x64po.reward.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x14\n\x12ListRewardsRequest\"\xbf\x01\n\x13ListRewardsResponse\x12+\n\x07rewards\x18\x01 \x03(\x0b\x32\x1a.ddpo.reward.v1.RewardSpec\x12H\n\x0bload_errors\x18\x02 \x03(\x0b\x32\x33.ddpo.reward.v1.ListRewardsResponse.LoadErrorsEntry\x1a\x31\n\x0fLoadErrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xde\x01\n\nRewardSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05units\x18\x04 \x01(\t\x12,\n\tdirection\x18\x05 \x01(\x0e\x32\x19.ddpo.reward.v1.Direction\x12\x17\n\x0frequires_prompt\x18\x06 \x01(\x08\x12-\n\nimage_spec\x18\x07 \x01(\x0b\x32\x19.ddpo.reward.v1.ImageSpec\x12\x17\n\x0f\x63omponent_names\x18\x08 \x03(\t\"\x92\x01\n\tImageSpec\x12\x10\n\x08\x63hannels\x18\x01 \x03(\r\x12%\n\x06\x64types\x18\x02 \x03(\x0e\x32\x15.ddpo.reward.v1.DType\x12\x12\n\nmin_height\x18\x03 \x01(\r\x12\x11\n\tmin_width\x18\x04 \x01(\r\x12\x12\n\nmax_height\x18\x05 \x01(\r\x12\x11\n\tmax_width\x18\x06 \x01(\r\"o\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12$\n\x05\x64type\x18\x05 \x01(\x0e\x32\x15.ddpo.reward.v1.DType\"I\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12+\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1b.ddpo.reward.v1.ImageFormat\"i\n\x05Image\x12\'\n\x03raw\x18\x01 \x01(\x0b\x32\x18.ddpo.reward.v1.RawImageH\x00\x12/\n\x07\x65ncoded\x18\x02 \x01(\x0b\x32\x1c.ddpo.reward.v1.EncodedImageH\x00\x42\x06\n\x04kind\"\x83\x01\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x05image\x18\x02 \x01(\x0b\x32\x15.ddpo.reward.v1.Image\x12\x13\n\x06prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\t\n\x07_prompt\"\xaf\x01\n\x0cScoreRequest\x12\x0e\n\x06reward\x18\x01 \x01(\t\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.ddpo.reward.v1.Item\x12:\n\x07weights\x18\x03 \x03(\x0b\x32).ddpo.reward.v1.ScoreRequest.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"=\n\rScoreResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.ddpo.reward.v1.ScoreResult\"\xbb\x01\n\x12ScoreStreamRequest\x12\x0e\n\x06reward\x18\x01 \x01(\t\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.ddpo.reward.v1.Item\x12@\n\x07weights\x18\x03 \x03(\x0b\x32/.ddpo.reward.v1.ScoreStreamRequest.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"C\n\x13ScoreStreamResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.ddpo.reward.v1.ScoreResult\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa6\x02\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0b\x32\x16.ddpo.reward.v1.Status\x12\r\n\x05score\x18\x03 \x01(\x01\x12?\n\ncomponents\x18\x04 \x03(\x0b\x32+.ddpo.reward.v1.ScoreResult.ComponentsEntry\x12\x33\n\x04info\x18\x05 \x03(\x0b\x32%.ddpo.reward.v1.ScoreResult.InfoEntry\x1a\x31\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a+\n\tInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x08\x45ndpoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"V\n\x17RegisterEndpointRequest\x12*\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x18.ddpo.reward.v1.Endpoint\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"D\n\x18RegisterEndpointResponse\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.ddpo.reward.v1.RewardSpec\")\n\x19UnregisterEndpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x1aUnregisterEndpointResponse\"\x19\n\x17\x41\x64minListRewardsRequest\"\xa0\x01\n\x0bRewardEntry\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.ddpo.reward.v1.RewardSpec\x12,\n\x06source\x18\x02 \x01(\x0e\x32\x1c.ddpo.reward.v1.RewardSource\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\x0f\n\x07runtime\x18\x05 \x01(\x08\x12\r\n\x05state\x18\x06 \x01(\t\"H\n\x18\x41\x64minListRewardsResponse\x12,\n\x07rewards\x18\x01 \x03(\x0b\x32\x1b.ddpo.reward.v1.RewardEntry*e\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44IRECTION_HIGHER_IS_BETTER\x10\x01\x12\x1d\n\x19\x44IRECTION_LOWER_IS_BETTER\x10\x02*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02*X\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02*\x9b\x01\n\x0cRewardSource\x12\x1d\n\x19REWARD_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15REWARD_SOURCE_BUILTIN\x10\x01\x12\x18\n\x14REWARD_SOURCE_PLUGIN\x10\x02\x12\x1a\n\x16REWARD_SOURCE_ENDPOINT\x10\x03\x12\x1b\n\x17REWARD_SOURCE_COMPOSITE\x10\x04\x32\x89\x02\n\rRewardService\x12V\n\x0bListRewards\x12\".ddpo.reward.v1.ListRewardsRequest\x1a#.ddpo.reward.v1.ListRewardsResponse\x12\x44\n\x05Score\x12\x1c.ddpo.reward.v1.ScoreRequest\x1a\x1d.ddpo.reward.v1.ScoreResponse\x12Z\n\x0bScoreStream\x12\".ddpo.reward.v1.ScoreStreamRequest\x1a#.ddpo.reward.v1.ScoreStreamResponse(\x01\x30\x01\x32\xc3\x02\n\x0bRewardAdmin\x12\x65\n\x10RegisterEndpoint\x12\'.ddpo.reward.v1.RegisterEndpointRequest\x1a(.ddpo.reward.v1.RegisterEndpointResponse\x12k\n\x12UnregisterEndpoint\x12).ddpo.reward.v1.UnregisterEndpointRequest\x1a*.ddpo.reward.v1.UnregisterEndpointResponse\x12`\n\x0bListRewards\x12\'.ddpo.reward.v1.AdminListRewardsRequest\x1a(.ddpo.reward.v1.AdminListRewardsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LISTREWARDSRESPONSE_LOADERRORSENTRY']._loaded_options = None
   _globals['_LISTREWARDSRESPONSE_LOADERRORSENTRY']._serialized_options = b'8\001'
+  _globals['_SCOREREQUEST_WEIGHTSENTRY']._loaded_options = None
+  _globals['_SCOREREQUEST_WEIGHTSENTRY']._serialized_options = b'8\001'
+  _globals['_SCORESTREAMREQUEST_WEIGHTSENTRY']._loaded_options = None
+  _globals['_SCORESTREAMREQUEST_WEIGHTSENTRY']._serialized_options = b'8\001'
   _globals['_SCORERESULT_COMPONENTSENTRY']._loaded_options = None
   _globals['_SCORERESULT_COMPONENTSENTRY']._serialized_options = b'8\001'
   _globals['_SCORERESULT_INFOENTRY']._loaded_options = None
   _globals['_SCORERESULT_INFOENTRY']._serialized_options = b'8\001'
-  _globals['_DIRECTION']._serialized_start=1728
-  _globals['_DIRECTION']._serialized_end=1829
-  _globals['_DTYPE']._serialized_start=1831
-  _globals['_DTYPE']._serialized_end=1897
-  _globals['_IMAGEFORMAT']._serialized_start=1899
-  _globals['_IMAGEFORMAT']._serialized_end=1987
+  _globals['_DIRECTION']._serialized_start=2528
+  _globals['_DIRECTION']._serialized_end=2629
+  _globals['_DTYPE']._serialized_start=2631
+  _globals['_DTYPE']._serialized_end=2697
+  _globals['_IMAGEFORMAT']._serialized_start=2699
+  _globals['_IMAGEFORMAT']._serialized_end=2787
+  _globals['_REWARDSOURCE']._serialized_start=2790
+  _globals['_REWARDSOURCE']._serialized_end=2945
   _globals['_LISTREWARDSREQUEST']._serialized_start=95
   _globals['_LISTREWARDSREQUEST']._serialized_end=115
   _globals['_LISTREWARDSRESPONSE']._serialized_start=118
@@ -62,22 +68,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGE']._serialized_end=978
   _globals['_ITEM']._serialized_start=981
   _globals['_ITEM']._serialized_end=1112
-  _globals['_SCOREREQUEST']._serialized_start=1114
-  _globals['_SCOREREQUEST']._serialized_end=1181
-  _globals['_SCORERESPONSE']._serialized_start=1183
-  _globals['_SCORERESPONSE']._serialized_end=1244
-  _globals['_SCORESTREAMREQUEST']._serialized_start=1246
-  _globals['_SCORESTREAMREQUEST']._serialized_end=1319
-  _globals['_SCORESTREAMRESPONSE']._serialized_start=1321
-  _globals['_SCORESTREAMRESPONSE']._serialized_end=1388
-  _globals['_STATUS']._serialized_start=1390
-  _globals['_STATUS']._serialized_end=1429
-  _globals['_SCORERESULT']._serialized_start=1432
-  _globals['_SCORERESULT']._serialized_end=1726
-  _globals['_SCORERESULT_COMPONENTSENTRY']._serialized_start=1632
-  _globals['_SCORERESULT_COMPONENTSENTRY']._serialized_end=1681
-  _globals['_SCORERESULT_INFOENTRY']._serialized_start=1683
-  _globals['_SCORERESULT_INFOENTRY']._serialized_end=1726
-  _globals['_REWARDSERVICE']._serialized_start=1990
-  _globals['_REWARDSERVICE']._serialized_end=2255
+  _globals['_SCOREREQUEST']._serialized_start=1115
+  _globals['_SCOREREQUEST']._serialized_end=1290
+  _globals['_SCOREREQUEST_WEIGHTSENTRY']._serialized_start=1244
+  _globals['_SCOREREQUEST_WEIGHTSENTRY']._serialized_end=1290
+  _globals['_SCORERESPONSE']._serialized_start=1292
+  _globals['_SCORERESPONSE']._serialized_end=1353
+  _globals['_SCORESTREAMREQUEST']._serialized_start=1356
+  _globals['_SCORESTREAMREQUEST']._serialized_end=1543
+  _globals['_SCORESTREAMREQUEST_WEIGHTSENTRY']._serialized_start=1244
+  _globals['_SCORESTREAMREQUEST_WEIGHTSENTRY']._serialized_end=1290
+  _globals['_SCORESTREAMRESPONSE']._serialized_start=1545
+  _globals['_SCORESTREAMRESPONSE']._serialized_end=1612
+  _globals['_STATUS']._serialized_start=1614
+  _globals['_STATUS']._serialized_end=1653
+  _globals['_SCORERESULT']._serialized_start=1656
+  _globals['_SCORERESULT']._serialized_end=1950
+  _globals['_SCORERESULT_COMPONENTSENTRY']._serialized_start=1856
+  _globals['_SCORERESULT_COMPONENTSENTRY']._serialized_end=1905
+  _globals['_SCORERESULT_INFOENTRY']._serialized_start=1907
+  _globals['_SCORERESULT_INFOENTRY']._serialized_end=1950
+  _globals['_ENDPOINT']._serialized_start=1952
+  _globals['_ENDPOINT']._serialized_end=2031
+  _globals['_REGISTERENDPOINTREQUEST']._serialized_start=2033
+  _globals['_REGISTERENDPOINTREQUEST']._serialized_end=2119
+  _globals['_REGISTERENDPOINTRESPONSE']._serialized_start=2121
+  _globals['_REGISTERENDPOINTRESPONSE']._serialized_end=2189
+  _globals['_UNREGISTERENDPOINTREQUEST']._serialized_start=2191
+  _globals['_UNREGISTERENDPOINTREQUEST']._serialized_end=2232
+  _globals['_UNREGISTERENDPOINTRESPONSE']._serialized_start=2234
+  _globals['_UNREGISTERENDPOINTRESPONSE']._serialized_end=2262
+  _globals['_ADMINLISTREWARDSREQUEST']._serialized_start=2264
+  _globals['_ADMINLISTREWARDSREQUEST']._serialized_end=2289
+  _globals['_REWARDENTRY']._serialized_start=2292
+  _globals['_REWARDENTRY']._serialized_end=2452
+  _globals['_ADMINLISTREWARDSRESPONSE']._serialized_start=2454
+  _globals['_ADMINLISTREWARDSRESPONSE']._serialized_end=2526
+  _globals['_REWARDSERVICE']._serialized_start=2948
+  _globals['_REWARDSERVICE']._serialized_end=3213
+  _globals['_REWARDADMIN']._serialized_start=3216
+  _globals['_REWARDADMIN']._serialized_end=3539
 # @@protoc_insertion_point(module_scope)

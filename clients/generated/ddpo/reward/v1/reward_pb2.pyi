@@ -25,6 +25,14 @@ class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMAGE_FORMAT_UNSPECIFIED: _ClassVar[ImageFormat]
     IMAGE_FORMAT_PNG: _ClassVar[ImageFormat]
     IMAGE_FORMAT_JPEG: _ClassVar[ImageFormat]
+
+class RewardSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REWARD_SOURCE_UNSPECIFIED: _ClassVar[RewardSource]
+    REWARD_SOURCE_BUILTIN: _ClassVar[RewardSource]
+    REWARD_SOURCE_PLUGIN: _ClassVar[RewardSource]
+    REWARD_SOURCE_ENDPOINT: _ClassVar[RewardSource]
+    REWARD_SOURCE_COMPOSITE: _ClassVar[RewardSource]
 DIRECTION_UNSPECIFIED: Direction
 DIRECTION_HIGHER_IS_BETTER: Direction
 DIRECTION_LOWER_IS_BETTER: Direction
@@ -34,6 +42,11 @@ DTYPE_FLOAT32: DType
 IMAGE_FORMAT_UNSPECIFIED: ImageFormat
 IMAGE_FORMAT_PNG: ImageFormat
 IMAGE_FORMAT_JPEG: ImageFormat
+REWARD_SOURCE_UNSPECIFIED: RewardSource
+REWARD_SOURCE_BUILTIN: RewardSource
+REWARD_SOURCE_PLUGIN: RewardSource
+REWARD_SOURCE_ENDPOINT: RewardSource
+REWARD_SOURCE_COMPOSITE: RewardSource
 
 class ListRewardsRequest(_message.Message):
     __slots__ = ()
@@ -133,12 +146,21 @@ class Item(_message.Message):
     def __init__(self, id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., prompt: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("reward", "items")
+    __slots__ = ("reward", "items", "weights")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     REWARD_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     reward: str
     items: _containers.RepeatedCompositeFieldContainer[Item]
-    def __init__(self, reward: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+    weights: _containers.ScalarMap[str, float]
+    def __init__(self, reward: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("results",)
@@ -147,12 +169,21 @@ class ScoreResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ...) -> None: ...
 
 class ScoreStreamRequest(_message.Message):
-    __slots__ = ("reward", "items")
+    __slots__ = ("reward", "items", "weights")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     REWARD_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     reward: str
     items: _containers.RepeatedCompositeFieldContainer[Item]
-    def __init__(self, reward: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+    weights: _containers.ScalarMap[str, float]
+    def __init__(self, reward: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ScoreStreamResponse(_message.Message):
     __slots__ = ("results",)
@@ -195,3 +226,63 @@ class ScoreResult(_message.Message):
     components: _containers.ScalarMap[str, float]
     info: _containers.ScalarMap[str, str]
     def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., score: _Optional[float] = ..., components: _Optional[_Mapping[str, float]] = ..., info: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Endpoint(_message.Message):
+    __slots__ = ("name", "url", "options")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    url: str
+    options: _struct_pb2.Struct
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class RegisterEndpointRequest(_message.Message):
+    __slots__ = ("endpoint", "replace")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    endpoint: Endpoint
+    replace: bool
+    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class RegisterEndpointResponse(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: RewardSpec
+    def __init__(self, spec: _Optional[_Union[RewardSpec, _Mapping]] = ...) -> None: ...
+
+class UnregisterEndpointRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnregisterEndpointResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AdminListRewardsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RewardEntry(_message.Message):
+    __slots__ = ("spec", "source", "type", "url", "runtime", "state")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    spec: RewardSpec
+    source: RewardSource
+    type: str
+    url: str
+    runtime: bool
+    state: str
+    def __init__(self, spec: _Optional[_Union[RewardSpec, _Mapping]] = ..., source: _Optional[_Union[RewardSource, str]] = ..., type: _Optional[str] = ..., url: _Optional[str] = ..., runtime: _Optional[bool] = ..., state: _Optional[str] = ...) -> None: ...
+
+class AdminListRewardsResponse(_message.Message):
+    __slots__ = ("rewards",)
+    REWARDS_FIELD_NUMBER: _ClassVar[int]
+    rewards: _containers.RepeatedCompositeFieldContainer[RewardEntry]
+    def __init__(self, rewards: _Optional[_Iterable[_Union[RewardEntry, _Mapping]]] = ...) -> None: ...

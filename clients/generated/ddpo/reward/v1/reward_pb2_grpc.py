@@ -194,3 +194,179 @@ class RewardService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RewardAdminStub:
+    """Manages the rewards a server forwards to remote endpoints, at runtime. Every call needs the server's admin token
+    as `authorization: Bearer <admin token>` metadata: a call without one fails with UNAUTHENTICATED, a call with
+    another token with PERMISSION_DENIED, and a server started without an admin token refuses every call with
+    PERMISSION_DENIED. Registrations are saved to the server's endpoints file, when it has one, and survive a restart.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RegisterEndpoint = channel.unary_unary(
+                '/ddpo.reward.v1.RewardAdmin/RegisterEndpoint',
+                request_serializer=clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.RegisterEndpointRequest.SerializeToString,
+                response_deserializer=clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.RegisterEndpointResponse.FromString,
+                _registered_method=True)
+        self.UnregisterEndpoint = channel.unary_unary(
+                '/ddpo.reward.v1.RewardAdmin/UnregisterEndpoint',
+                request_serializer=clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.UnregisterEndpointRequest.SerializeToString,
+                response_deserializer=clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.UnregisterEndpointResponse.FromString,
+                _registered_method=True)
+        self.ListRewards = channel.unary_unary(
+                '/ddpo.reward.v1.RewardAdmin/ListRewards',
+                request_serializer=clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.AdminListRewardsRequest.SerializeToString,
+                response_deserializer=clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.AdminListRewardsResponse.FromString,
+                _registered_method=True)
+
+
+class RewardAdminServicer:
+    """Manages the rewards a server forwards to remote endpoints, at runtime. Every call needs the server's admin token
+    as `authorization: Bearer <admin token>` metadata: a call without one fails with UNAUTHENTICATED, a call with
+    another token with PERMISSION_DENIED, and a server started without an admin token refuses every call with
+    PERMISSION_DENIED. Registrations are saved to the server's endpoints file, when it has one, and survive a restart.
+    """
+
+    def RegisterEndpoint(self, request, context):
+        """Serves a remote endpoint under a name, once it answers and its reward is known; returns the served spec.
+        ALREADY_EXISTS if the name is taken (set replace to swap an endpoint registered earlier), INVALID_ARGUMENT for a
+        bad url or option, UNAVAILABLE or FAILED_PRECONDITION if the endpoint cannot be used.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterEndpoint(self, request, context):
+        """Stops serving an endpoint registered at runtime. NOT_FOUND for an unknown name, FAILED_PRECONDITION for a reward
+        from the config file or a built-in one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRewards(self, request, context):
+        """Every reward with where it comes from and its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RewardAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RegisterEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterEndpoint,
+                    request_deserializer=clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.RegisterEndpointRequest.FromString,
+                    response_serializer=clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.RegisterEndpointResponse.SerializeToString,
+            ),
+            'UnregisterEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterEndpoint,
+                    request_deserializer=clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.UnregisterEndpointRequest.FromString,
+                    response_serializer=clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.UnregisterEndpointResponse.SerializeToString,
+            ),
+            'ListRewards': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRewards,
+                    request_deserializer=clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.AdminListRewardsRequest.FromString,
+                    response_serializer=clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.AdminListRewardsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ddpo.reward.v1.RewardAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ddpo.reward.v1.RewardAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class RewardAdmin:
+    """Manages the rewards a server forwards to remote endpoints, at runtime. Every call needs the server's admin token
+    as `authorization: Bearer <admin token>` metadata: a call without one fails with UNAUTHENTICATED, a call with
+    another token with PERMISSION_DENIED, and a server started without an admin token refuses every call with
+    PERMISSION_DENIED. Registrations are saved to the server's endpoints file, when it has one, and survive a restart.
+    """
+
+    @staticmethod
+    def RegisterEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ddpo.reward.v1.RewardAdmin/RegisterEndpoint',
+            clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.RegisterEndpointRequest.SerializeToString,
+            clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.RegisterEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ddpo.reward.v1.RewardAdmin/UnregisterEndpoint',
+            clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.UnregisterEndpointRequest.SerializeToString,
+            clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.UnregisterEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRewards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ddpo.reward.v1.RewardAdmin/ListRewards',
+            clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.AdminListRewardsRequest.SerializeToString,
+            clients_dot_generated_dot_ddpo_dot_reward_dot_v1_dot_reward__pb2.AdminListRewardsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,121 @@
+"""The ``ddpo.reward.v1.RewardAdmin`` servicer: register and unregister remote endpoints at runtime, list rewards.
+
+Every call must carry the admin token as ``authorization: Bearer <token>``: none gives UNAUTHENTICATED, another
+token PERMISSION_DENIED. A server started without ``admin_token_file`` refuses every admin call (PERMISSION_DENIED),
+so runtime registration is off unless asked for. The work itself is the server's (``RewardServer.register_endpoint``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import json_format
+
+from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
+from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
+from reward_server.composite import COMPOSITE
+from reward_server.plugins import plugin_module
+from reward_server.service import abort
+from reward_server.wire import spec_to_proto
+
+if TYPE_CHECKING:
+    from reward_server.server import RewardServer
+
+log = logging.getLogger(__name__)
+
+ADMIN_SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["RewardAdmin"].full_name
+
+
+class EndpointError(Exception):
+    """An admin request the server cannot carry out, with the status code to answer."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class RewardAdminServicer(pb_grpc.RewardAdminServicer):
+    def __init__(self, server: RewardServer, token: str | None) -> None:
+        self._server = server
+        self._expected = f"Bearer {token}".encode() if token is not None else None
+
+    async def RegisterEndpoint(
+        self, request: pb.RegisterEndpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterEndpointResponse:
+        await self._authorize(context)
+        endpoint = request.endpoint
+        options = {key: _whole_numbers(value) for key, value in json_format.MessageToDict(endpoint.options).items()}
+        try:
+            spec = await self._server.register_endpoint(endpoint.name, endpoint.url, options, request.replace)
+        except EndpointError as error:
+            await abort(context, error.code, error.message)
+        return pb.RegisterEndpointResponse(spec=spec_to_proto(spec))
+
+    async def UnregisterEndpoint(
+        self, request: pb.UnregisterEndpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnregisterEndpointResponse:
+        await self._authorize(context)
+        try:
+            await self._server.unregister_endpoint(request.name)
+        except EndpointError as error:
+            await abort(context, error.code, error.message)
+        return pb.UnregisterEndpointResponse()
+
+    async def ListRewards(
+        self, request: pb.AdminListRewardsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AdminListRewardsResponse:
+        await self._authorize(context)
+        server = self._server
+        entries = []
+        for name in sorted(server.specs):
+            config = server.configs.get(name)
+            reward_type = config.type if config is not None else type(server.scorers.get(name)).__name__
+            entries.append(
+                pb.RewardEntry(
+                    spec=spec_to_proto(server.specs[name]),
+                    source=_source(reward_type),
+                    type=reward_type,
+                    url=str(config.options.get("url", "")) if config is not None else "",
+                    runtime=name in server.runtime_endpoints,
+                    state=server.reward_state(name),
+                )
+            )
+        return pb.AdminListRewardsResponse(rewards=entries)
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if self._expected is None:
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "admin calls are disabled on this server; start it with --admin-token-file to enable them",
+            )
+        given = dict(context.invocation_metadata() or ()).get("authorization", "")
+        given_bytes = given.encode() if isinstance(given, str) else given
+        if not given_bytes:
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing `authorization: Bearer <admin token>`")
+        if not hmac.compare_digest(given_bytes, self._expected):
+            log.warning("admin call refused: wrong token", extra={"peer": context.peer()})
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED, "the admin token does not match the server's")
+
+
+def _source(reward_type: str) -> pb.RewardSource:
+    if reward_type == "remote":
+        return pb.REWARD_SOURCE_ENDPOINT
+    if reward_type == COMPOSITE:
+        return pb.REWARD_SOURCE_COMPOSITE
+    return pb.REWARD_SOURCE_PLUGIN if plugin_module(reward_type) is not None else pb.REWARD_SOURCE_BUILTIN
+
+
+def _whole_numbers(value: Any) -> Any:
+    """protobuf Struct numbers are doubles: give back ints where a config file would have had them."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    return value
