@@ -88,7 +88,8 @@ class AsyncRewardClient(ChannelOwner):
         """Score a batch in one call; results are in the order of ``images``. Per-item failures are in the result.
 
         With ``weights`` (e.g. ``{"aesthetic": 1.0, "llava_bertscore": 0.5}``), each score is that weighted sum,
-        computed by the server, and ``reward`` only labels it; each result's components hold every reward's score."""
+        computed by the server (``reward`` is then unused: the server names these results "weights"); each result's
+        components hold every reward's score."""
         batch = checked_items(reward, images, prompts, metadata, ids, encoding, taken=set(), weights=weights)
         response = await self._call("Score", self._score, batch, timeout)
         return BatchResult(order_results(batch.items, response.results))

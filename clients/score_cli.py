@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clients.connect import check_address, open_client
+from clients.connect import AnyRewardClient, check_address, open_client
 from clients.errors import RewardServiceError
 from clients.evaluation import ImageRecord, call_error, check_rewards, now, parse_reward_list, write_evaluation
 from clients.types import EncodedImage, ItemResult
@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root-certificates", type=Path, help="PEM file of trusted roots (with --tls)")
     parser.add_argument("--auth-token-file", type=Path, help="file holding the server's bearer token")
     return parser
+
+
+def _connect(args: argparse.Namespace, token: str | None) -> AnyRewardClient:
+    tls = args.tls or None
+    return open_client(
+        args.server, timeout=args.timeout, tls=tls, root_certificates=args.root_certificates, auth_token=token
+    )
 
 
 def read_image_file(path: Path) -> EncodedImage:
@@ -126,13 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[Path, ItemResult] = {}
     if images:
         try:
-            with open_client(
-                args.server,
-                timeout=args.timeout,
-                tls=args.tls or None,
-                root_certificates=args.root_certificates,
-                auth_token=token,
-            ) as client:
+            with _connect(args, token) as client:
                 batch = client.score(
                     args.reward,
                     list(images.values()),
@@ -264,13 +265,7 @@ def score_folder(parser: argparse.ArgumentParser, args: argparse.Namespace, toke
     results: dict[tuple[int, str], ItemResult] = {}
     failure: RewardServiceError | None = None  # a call that failed as a whole: scoring stops there
     try:
-        with open_client(
-            args.server,
-            timeout=args.timeout,
-            tls=args.tls or None,
-            root_certificates=args.root_certificates,
-            auth_token=token,
-        ) as client:
+        with _connect(args, token) as client:
             check_rewards(client, args.server, rewards, args.timeout)
             order = list(images)
             for start in range(0, len(order), _CHUNK):

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 _RESULTS_PER_STREAM_MESSAGE = 256
 
 
+PER_REQUEST_COMPOSITE = "weights"  # how results of ScoreRequest.weights are named in messages and metrics
 LOADING = "is still loading"  # the state of a reward whose load has not finished; any other state is a failure
 
 
@@ -186,7 +187,6 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         """What scores ``reward``, or a weighted sum of rewards when ``weights`` is set; else why nothing can."""
         if not weights:
             return self._scorers.get(reward) or self._not_ready(reward)
-        label = reward or "weights"
         try:
             weights = check_weights(weights, "weights")
         except ValueError as error:
@@ -203,7 +203,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 )
             workers[component] = scorer
         try:
-            return CompositeScorer(label, weights, workers)
+            # One name for every per-request composite: the client's label must not become a metrics label value.
+            return CompositeScorer(PER_REQUEST_COMPOSITE, weights, workers)
         except ValueError as error:
             return ItemError(grpc.StatusCode.INVALID_ARGUMENT, f"weights: {error}")
 

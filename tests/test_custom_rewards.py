@@ -567,3 +567,24 @@ def test_ddpo_admin_registers_lists_and_unregisters(plugin_server: ServerProcess
     bad_option = admin("token", "register", "x", url, "--option", "timeout_s")
     assert bad_option.returncode == 2
     assert "must look like KEY=VALUE" in bad_option.stderr
+
+
+def test_a_stream_message_with_weights_is_scored_as_a_composite(
+    plugin_server: ServerProcess, photo_batch: npt.NDArray[np.uint8]
+) -> None:
+    from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
+    from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
+
+    def item(index: int) -> pb.Item:
+        image = photo_batch[index]
+        raw = pb.RawImage(data=image.tobytes(), height=image.shape[0], width=image.shape[1], channels=3)
+        return pb.Item(id=str(index), image=pb.Image(raw=raw))
+
+    weights = {"jpeg_incompressibility": 1.0, "brightness": -1.0}
+    request = pb.ScoreStreamRequest(reward="ignored", items=[item(i) for i in range(3)], weights=weights)
+    with grpc.insecure_channel(plugin_server.address) as channel:
+        responses = list(pb_grpc.RewardServiceStub(channel).ScoreStream(iter([request]), timeout=30))
+    got = {result.id: result.score for response in responses for result in response.results}
+    with RewardClient(plugin_server.address) as client:
+        expected = client.score("w", photo_batch[:3], weights=weights).scores
+    assert [got[str(i)] for i in range(3)] == list(expected)
