@@ -588,3 +588,20 @@ def test_a_stream_message_with_weights_is_scored_as_a_composite(
     with RewardClient(plugin_server.address) as client:
         expected = client.score("w", photo_batch[:3], weights=weights).scores
     assert [got[str(i)] for i in range(3)] == list(expected)
+
+
+def test_composites_and_remote_endpoints_are_not_exported_to_triton(tmp_path: Path) -> None:
+    (tmp_path / "rewards.toml").write_text(
+        '[rewards.jpeg_compressibility]\n[rewards.judge]\ntype = "remote"\noptions = { url = "grpc://127.0.0.1:1/x" }\n'
+        '[rewards.both]\ntype = "composite"\nweights = { jpeg_compressibility = 1.0, judge = 1.0 }\n'
+    )
+    export = [*DDPO, "triton", "export", "--config", str(tmp_path / "rewards.toml"), "--out", str(tmp_path / "out")]
+    refused = subprocess.run(export, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    assert "cannot export judge (remote), both (composite) to Triton" in refused.stderr
+    assert not (tmp_path / "out").exists()
+    only_jpeg = subprocess.run(
+        [*export, "--rewards", "jpeg_compressibility"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert only_jpeg.returncode == 0, only_jpeg.stderr
+    assert (tmp_path / "out" / "jpeg_compressibility" / "config.pbtxt").is_file()
