@@ -98,8 +98,8 @@ class RewardWorker:
     def start(self) -> None:
         self._batcher = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
 
-    async def stop(self) -> None:
-        """Stop batching, finish the batches being scored, and fail whatever is still queued."""
+    async def stop(self, reason: str = "the server is shutting down") -> None:
+        """Stop batching, finish the batches being scored, and fail what is still queued (UNAVAILABLE, ``reason``)."""
         if self._batcher is not None:
             self._batcher.cancel()
             await asyncio.gather(self._batcher, return_exceptions=True)
@@ -107,9 +107,7 @@ class RewardWorker:
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():
-                pending.future.set_result(
-                    ItemOutcome(ItemError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down"))
-                )
+                pending.future.set_result(ItemOutcome(ItemError(grpc.StatusCode.UNAVAILABLE, reason)))
         self._executor.shutdown(wait=True)
 
     def _enqueue(self, items: list[DecodedItem]) -> list[asyncio.Future[ItemOutcome]]:

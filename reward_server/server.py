@@ -345,7 +345,7 @@ class RewardServer:
         self.endpoint_problems.pop(name, None)
         await self.health.set(reward_health_name(name), health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
         assert isinstance(scorer, RewardWorker)
-        await scorer.stop()
+        await scorer.stop(f"reward {name!r} was unregistered or replaced while this item waited")
         await asyncio.to_thread(scorer.reward.close)
 
     def _save_endpoints(self) -> None:
