@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -295,3 +296,14 @@ class TritonProcess:
 
 
 DDPO = (sys.executable, "-m", "clients.cli")
+
+
+def train_tiny(address: str, run_dir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`ddpo train --config tiny` against the reward service at ``address``, into ``run_dir``, as a process."""
+    command = [*DDPO, "train", "--config", "tiny", "--reward-server", address, "--run-dir", str(run_dir), *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The lines of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

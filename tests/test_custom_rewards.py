@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from clients import RewardClient, RewardServiceError
 from clients.admin import AdminClient
 from reward_server.rewards.remote import RemoteReward
-from tests.support import DDPO, EXAMPLE_PLUGIN, ROOT, ServerProcess, ServerThread, plugin_env
+from tests.support import DDPO, EXAMPLE_PLUGIN, ROOT, ServerProcess, ServerThread, plugin_env, read_metrics, train_tiny
 
 sys.path.insert(0, str(EXAMPLE_PLUGIN))
 import ddpo_example_rewards as example
@@ -256,33 +256,14 @@ def test_bad_per_request_weights_are_refused(plugin_server: ServerProcess, photo
 
 
 def test_the_trainer_trains_on_a_composite(plugin_server: ServerProcess, tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            *DDPO,
-            "train",
-            "--config",
-            "tiny",
-            "--reward-server",
-            plugin_server.address,
-            "--reward",
-            "bright_and_big",
-            "--run-dir",
-            str(tmp_path),
-            "--epochs",
-            "1",
-            "sample.num_steps=5",
-            "eval.enabled=false",
-            "log.tensorboard=false",
-            "log.images_every=0",
-            "sample.num_batches_per_epoch=1",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = train_tiny(
+        plugin_server.address,
+        tmp_path,
+        *("--reward", "bright_and_big", "--epochs", "1", "sample.num_steps=5", "eval.enabled=false"),
+        *("log.tensorboard=false", "log.images_every=0", "sample.num_batches_per_epoch=1"),
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    (metrics,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    (metrics,) = read_metrics(tmp_path)
     assert np.isfinite(metrics["reward_mean"])
     assert metrics["samples"] > 0
 
@@ -605,3 +586,4 @@ def test_composites_and_remote_endpoints_are_not_exported_to_triton(tmp_path: Pa
     )
     assert only_jpeg.returncode == 0, only_jpeg.stderr
     assert (tmp_path / "out" / "jpeg_compressibility" / "config.pbtxt").is_file()
+

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from clients import RewardClient
 from reward_server.rewards.jpeg import JpegSize
-from tests.support import ROOT, RejectPrompt, ServerProcess, ServerThread
+from tests.support import ROOT, RejectPrompt, ServerProcess, ServerThread, read_metrics, train_tiny
 from trainer.config import load_config
 from trainer.prompts import load_prompts
 from trainer.rewards import RewardError, connect
@@ -52,38 +52,21 @@ def server() -> Iterator[ServerThread]:
 def run_tiny(run_dir: Path, address: str, *overrides: str, resume: str | None = None) -> list[dict[str, Any]]:
     config = load_config("tiny", [f"run_dir='{run_dir}'", f"reward.server='{address}'", *overrides])
     Trainer(config, resume=resume).run()
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir)
 
 
 @pytest.mark.slow
 def test_ddpo_train_streams_rewards_from_a_reward_server_process(tmp_path: Path) -> None:
     with ServerProcess("--rewards", "jpeg_compressibility") as reward_server:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "clients.cli",
-                "train",
-                "--config",
-                "tiny",
-                "--reward-server",
-                reward_server.address,
-                "--run-dir",
-                str(tmp_path),
-                "--epochs",
-                "2",
-                "save_every=1",
-                "sample.num_batches_per_epoch=3",
-                "eval.samples_per_prompt=1",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
+        done = train_tiny(
+            reward_server.address,
+            tmp_path,
+            *("--epochs", "2", "save_every=1", "sample.num_batches_per_epoch=3", "eval.samples_per_prompt=1"),
             timeout=300,
         )
     assert done.returncode == 0, done.stderr
     assert "final weights in" in done.stdout
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(tmp_path)
     assert [m["epoch"] for m in metrics] == [1, 2]
     for line in metrics:
         assert set(line) >= METRIC_KEYS

@@ -22,7 +22,18 @@ import pytest
 
 from clients import RewardClient, RewardServiceError, TritonRewardClient
 from reward_server.rewards.remote import RemoteReward
-from tests.support import DDPO, HEAD, ROOT, ServerProcess, ServerThread, TritonProcess, free_port, plugin_env
+from tests.support import (
+    DDPO,
+    HEAD,
+    ROOT,
+    ServerProcess,
+    ServerThread,
+    TritonProcess,
+    free_port,
+    plugin_env,
+    read_metrics,
+    train_tiny,
+)
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'ddpo[triton]')")
 pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
@@ -256,37 +267,18 @@ def test_the_deploy_repository_is_in_sync_with_the_exporter(tmp_path: Path) -> N
 
 
 def test_ddpo_train_runs_against_triton(triton: TritonProcess, tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            *DDPO,
-            "train",
-            "--config",
-            "tiny",
-            "--reward-server",
-            triton.address,
-            "--reward",
-            "jpeg_compressibility",
-            "--run-dir",
-            str(tmp_path),
-            "--epochs",
-            "2",
-            "sample.num_batches_per_epoch=2",
-            "sample.num_steps=5",
-            "eval.enabled=false",
-            "log.tensorboard=false",
-            "log.images_every=0",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = train_tiny(
+        triton.address,
+        tmp_path,
+        *("--reward", "jpeg_compressibility", "--epochs", "2", "sample.num_batches_per_epoch=2", "sample.num_steps=5"),
+        *("eval.enabled=false", "log.tensorboard=false", "log.images_every=0"),
     )
     if triton.frontend == "pytriton":  # the trainer checks its reward in the listing, which PyTriton cannot give
         assert done.returncode != 0
         assert "cannot be listed" in done.stderr
         return
     assert done.returncode == 0, done.stderr
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(tmp_path)
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert all(m["reward_mean"] < 0 and m["samples"] == 16 for m in metrics)
 
