@@ -7,7 +7,6 @@ so runtime registration is off unless asked for. The work itself is the server's
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +17,8 @@ from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
 from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
 from reward_server.composite import COMPOSITE
 from reward_server.plugins import plugin_module
-from reward_server.service import abort
+from reward_server.rewards.remote import REMOTE
+from reward_server.service import abort, bearer_token_problem
 from reward_server.wire import spec_to_proto
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class RewardAdminServicer(pb_grpc.RewardAdminServicer):
         entries = []
         for name in sorted(server.specs):
             config = server.configs.get(name)
-            reward_type = config.type if config is not None else type(server.scorers.get(name)).__name__
+            reward_type = config.type if config is not None else ""  # a reward object given to RewardServer in-process
             entries.append(
                 pb.RewardEntry(
                     spec=spec_to_proto(server.specs[name]),
@@ -93,17 +93,18 @@ class RewardAdminServicer(pb_grpc.RewardAdminServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
                 "admin calls are disabled on this server; start it with --admin-token-file to enable them",
             )
-        given = dict(context.invocation_metadata() or ()).get("authorization", "")
-        given_bytes = given.encode() if isinstance(given, str) else given
-        if not given_bytes:
+        problem = bearer_token_problem(context.invocation_metadata(), self._expected)
+        if problem == "missing":
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing `authorization: Bearer <admin token>`")
-        if not hmac.compare_digest(given_bytes, self._expected):
+        if problem == "mismatch":
             log.warning("admin call refused: wrong token", extra={"peer": context.peer()})
             await abort(context, grpc.StatusCode.PERMISSION_DENIED, "the admin token does not match the server's")
 
 
 def _source(reward_type: str) -> pb.RewardSource:
-    if reward_type == "remote":
+    if not reward_type:
+        return pb.REWARD_SOURCE_UNSPECIFIED
+    if reward_type == REMOTE:
         return pb.REWARD_SOURCE_ENDPOINT
     if reward_type == COMPOSITE:
         return pb.REWARD_SOURCE_COMPOSITE

@@ -39,6 +39,11 @@ def check_weights(weights: Any, what: str) -> dict[str, float]:
     return checked
 
 
+def composite_description(weights: Mapping[str, float]) -> str:
+    """ "1 × aesthetic + 0.5 × llava_bertscore" """
+    return " + ".join(f"{weight:g} × {component}" for component, weight in weights.items())
+
+
 def composite_spec(name: str, weights: Mapping[str, float], specs: Mapping[str, RewardSpec]) -> RewardSpec:
     """The spec of a weighted sum: it needs a prompt if any component does, and takes the images all of them take.
 
@@ -61,7 +66,7 @@ def composite_spec(name: str, weights: Mapping[str, float], specs: Mapping[str, 
         raise ValueError(f"composite {name!r}: its rewards accept no image size in common") from None
     return RewardSpec(
         name=name,
-        description=" + ".join(f"{weight:g} × {component}" for component, weight in weights.items()),
+        description=composite_description(weights),
         version="1",
         units="weighted sum",
         requires_prompt=any(spec.requires_prompt for spec in parts),

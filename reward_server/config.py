@@ -156,9 +156,8 @@ def _reject_unknown(section: str, given: Mapping[str, Any], known: set[str]) -> 
 
 
 def reward_table(config: RewardConfig) -> dict[str, Any]:
-    """The config-file table that ``reward_config`` reads back as ``config`` (settings left at defaults omitted)."""
-    if config.type == COMPOSITE:
-        return {"type": COMPOSITE, "weights": dict(config.weights or {})}
+    """The config-file table that ``reward_config`` reads back as ``config`` (settings left at defaults omitted), for
+    a reward object's config (not a composite's)."""
     table: dict[str, Any] = {"type": config.type, "options": dict(config.options)}
     if config.max_image_size is not None:
         table["max_image_size"] = list(config.max_image_size)

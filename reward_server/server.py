@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
 from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
 from reward_server.admin import ADMIN_SERVICE_NAME, EndpointError, RewardAdminServicer
 from reward_server.batching import BatchingConfig, RewardWorker
-from reward_server.composite import COMPOSITE, CompositeScorer
+from reward_server.composite import COMPOSITE, CompositeScorer, composite_description
 from reward_server.config import (
     BATCHING_KEYS,
     ConfigError,
@@ -51,8 +50,8 @@ from reward_server.config import (
 from reward_server.metrics import ServerMetrics
 from reward_server.plugins import PluginError, check_name
 from reward_server.rewards import Reward, RewardSpec, build_reward
-from reward_server.rewards.remote import RemoteReward
-from reward_server.service import LOADING, RewardServicer, Scorer, reward_health_name
+from reward_server.rewards.remote import REMOTE, RemoteReward
+from reward_server.service import LOADING, RewardServicer, Scorer, bearer_token_problem, reward_health_name
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +90,12 @@ class _BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
             return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        given = metadata.get("authorization", "")
-        given_bytes = given.encode() if isinstance(given, str) else given
-        if hmac.compare_digest(given_bytes, self._expected):
+        problem = bearer_token_problem(handler_call_details.invocation_metadata, self._expected)
+        if problem is None:
             return handler
         reason = (
             "missing `authorization: Bearer <token>` metadata"
-            if not given_bytes
+            if problem == "missing"
             else "the bearer token does not match the server's"
         )
 
@@ -127,7 +124,7 @@ class RewardServer:
         self.health = HealthServicer()
         self.specs: dict[str, RewardSpec] = {reward.spec.name: reward.spec for reward, _ in self._rewards}
         for name, weights in self.composites.items():  # provisional until the components have loaded
-            self.specs[name] = RewardSpec(name, " + ".join(f"{w:g} × {c}" for c, w in weights.items()), "1", "")
+            self.specs[name] = RewardSpec(name, composite_description(weights), "1", "")
         self.scorers: dict[str, Scorer] = {}
         # name -> why it cannot score yet: "is still loading", then removed, or "failed to load: ..."
         self.unavailable: dict[str, str] = {name: LOADING for name in self.specs}
@@ -282,9 +279,7 @@ class RewardServer:
                     else:
                         self.endpoint_problems[name] = problem
             for name in self.scorers:
-                components = self.composites.get(name, {name: 1.0})
-                serving = not any(c in self.endpoint_problems for c in components)
-                status = SERVING if serving else NOT_SERVING
+                status = NOT_SERVING if self._endpoint_problem(name) else SERVING
                 await self.health.set(reward_health_name(name), status)
 
     # --- endpoints registered at runtime (RewardAdmin) -----------------------------------------------------------
@@ -294,7 +289,7 @@ class RewardServer:
         try:
             check_name(name, "endpoint name")
             table = {key: value for key, value in options.items() if key in _TABLE_KEYS}
-            table |= {"type": "remote", "options": {"url": url} | {k: v for k, v in options.items() if k not in table}}
+            table |= {"type": REMOTE, "options": {"url": url} | {k: v for k, v in options.items() if k not in table}}
             config = reward_config(name, table)
             ((reward, batching),) = build_rewards([config])
         except (ConfigError, PluginError, ValueError) as error:
@@ -362,9 +357,14 @@ class RewardServer:
         """What ListRewards of the admin service says about one reward."""
         if name in self.unavailable:
             return self.unavailable[name]
+        problem = self._endpoint_problem(name)
+        return f"not serving: {problem}" if problem else "serving"
+
+    def _endpoint_problem(self, name: str) -> str | None:
+        """Why a remote endpoint that ``name`` is, or that composite ``name`` adds up, does not serve now, if one does
+        not (health_interval_s checks)."""
         components = self.composites.get(name, {name: 1.0})
-        problems = [self.endpoint_problems[c] for c in components if c in self.endpoint_problems]
-        return f"not serving: {problems[0]}" if problems else "serving"
+        return next((self.endpoint_problems[c] for c in components if c in self.endpoint_problems), None)
 
     async def wait_loaded(self) -> dict[str, str]:
         """Wait until every reward has loaded or failed; returns the failed ones with their reasons."""
@@ -425,7 +425,7 @@ def read_endpoints_file(path: Path | None, configured: set[str]) -> list[RewardC
     except (OSError, json.JSONDecodeError) as error:
         raise ConfigError(f"cannot read {source}: {error}") from None
     for config in saved:
-        if config.type != "remote":
+        if config.type != REMOTE:
             raise ConfigError(f"{source}: {config.name!r} is of type {config.type!r}; it may only hold remote rewards")
         if config.name in configured:
             raise ConfigError(f"{source}: {config.name!r} is also in the config; remove it from one of them")

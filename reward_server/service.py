@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import NoReturn, Protocol
 
 import grpc
@@ -44,6 +45,16 @@ class Scorer(Protocol):
     async def submit(self, items: list[DecodedItem]) -> list[asyncio.Future[ItemOutcome]]: ...
 
     async def submit_nowait(self, items: list[DecodedItem]) -> list[asyncio.Future[ItemOutcome]]: ...
+
+
+def bearer_token_problem(metadata: Iterable[tuple[str, str | bytes]] | None, expected: bytes) -> str | None:
+    """Check a call's ``authorization`` metadata against ``expected`` (b"Bearer <token>", compared in constant time):
+    None when it matches, "missing" or "mismatch" otherwise."""
+    given = dict(metadata or ()).get("authorization", "")
+    given_bytes = given.encode() if isinstance(given, str) else given
+    if not given_bytes:
+        return "missing"
+    return None if hmac.compare_digest(given_bytes, expected) else "mismatch"
 
 
 def reward_health_name(reward: str) -> str:

@@ -587,3 +587,13 @@ def test_composites_and_remote_endpoints_are_not_exported_to_triton(tmp_path: Pa
     assert only_jpeg.returncode == 0, only_jpeg.stderr
     assert (tmp_path / "out" / "jpeg_compressibility" / "config.pbtxt").is_file()
 
+
+def test_the_admin_listing_of_a_reward_object_given_in_process_has_no_type(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("t")
+    remote = RemoteReward("late", "http://127.0.0.1:1/score")  # an object, not a config table
+    with ServerThread([remote], admin_token_file=tmp_path / "token") as server:
+        admin = AdminClient(server.address, admin_token="t")
+        with admin:
+            (entry,) = admin.list_rewards_admin()
+    assert (entry.info.name, entry.type, entry.source, entry.url) == ("late", "", "unspecified", "")
+    assert entry.state == "serving"

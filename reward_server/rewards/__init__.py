@@ -13,7 +13,7 @@ from reward_server.rewards.aesthetic import Aesthetic
 from reward_server.rewards.base import ImageSpec, ItemError, Metadata, Reward, RewardOutput, RewardSpec
 from reward_server.rewards.jpeg import JpegSize
 from reward_server.rewards.llava import LlavaBertScore, LlavaVqa
-from reward_server.rewards.remote import RemoteReward
+from reward_server.rewards.remote import REMOTE, RemoteReward
 
 __all__ = [
     "BUILTIN_REWARD_TYPES",
@@ -35,7 +35,7 @@ BUILTIN_REWARD_TYPES: dict[str, Callable[..., Reward]] = {
     "llava_bertscore": LlavaBertScore,
     "llava_vqa": LlavaVqa,
     # a reward served by another endpoint (grpc://, triton://, http://), forwarded as is
-    "remote": RemoteReward,
+    REMOTE: RemoteReward,
 }
 
 

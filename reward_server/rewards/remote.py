@@ -45,6 +45,7 @@ from PIL import Image
 from clients import AnyRewardClient, ItemResult, RewardInfo, RewardServiceError, open_client
 from reward_server.rewards.base import ImageSpec, ItemError, Metadata, Reward, RewardOutput, RewardSpec
 
+REMOTE = "remote"  # the reward type
 SCHEMES = ("grpc", "grpcs", "triton", "http", "https")
 _RETRY_BACKOFF_S = 0.1
 _HEALTH_TIMEOUT_S = 2.0

@@ -18,6 +18,7 @@ from pathlib import Path
 from clients import triton_contract as tc
 from reward_server.composite import COMPOSITE
 from reward_server.config import RewardConfig
+from reward_server.rewards.remote import REMOTE
 from reward_server.server import build_rewards
 from reward_server.triton.backend import reward_config_json, spec_json
 
@@ -76,7 +77,7 @@ def repository_files(configs: Sequence[RewardConfig]) -> dict[Path, str]:
     """Every file of the repository, by path relative to its root. ValueError for a composite or a remote reward:
     the ddpo server computes composites from its own rewards, and forwards remote ones (export what they forward to,
     on the server that runs it)."""
-    unexportable = [f"{c.name} ({c.type})" for c in configs if c.type in (COMPOSITE, "remote")]
+    unexportable = [f"{c.name} ({c.type})" for c in configs if c.type in (COMPOSITE, REMOTE)]
     if unexportable:
         raise ValueError(
             f"cannot export {', '.join(unexportable)} to Triton: composites and remote endpoints are served by "
