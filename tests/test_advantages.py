@@ -57,6 +57,8 @@ def test_tracker_rejects_bad_settings_and_lengths() -> None:
 def test_batch_normalize_and_clipping() -> None:
     advantages = batch_normalize(np.array([0.0, 0.0, 0.0, 100.0]))
     assert abs(advantages.mean()) < 1e-9
+    # ε = 1e-8 as ddpo-pytorch's train.py: tiny reward spreads are still normalised to unit spread
+    np.testing.assert_allclose(batch_normalize(np.array([0.0, 2e-4])), [-1.0, 1.0], rtol=1e-3)
     np.testing.assert_array_equal(clip_advantages(np.array([-9.0, 0.5, 9.0]), 5.0), [-5.0, 0.5, 5.0])
 
 

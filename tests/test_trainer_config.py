@@ -129,8 +129,11 @@ def test_prompt_sets() -> None:
     assert simple[:3] == ["cat", "dog", "horse"]
     imagenet = load_prompts("imagenet_animals")
     assert len(imagenet) == 398
-    assert imagenet[0] == "tench"
-    assert imagenet[-1] == "puffer"
+    # ImageNet's class names whole, as ddpo-pytorch's imagenet_classes.txt (lines 1-398)
+    assert imagenet[0] == "tench, Tinca tinca"
+    assert imagenet[2] == "great white shark, white shark, man-eater, man-eating shark, Carcharodon carcharias"
+    assert imagenet[-1] == "puffer, pufferfish, blowfish, globefish"
+    assert sum("," in prompt for prompt in imagenet) == 225
     activities = load_prompts("nouns_activities")
     assert len(activities) == 45 * 3
     assert {"a cat washing the dishes", "an ant riding a bike", "a kangaroo playing chess"} <= set(activities)

@@ -14,7 +14,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-EPS = 1e-6
+PER_PROMPT_EPS = 1e-6
+"""Added to the per-prompt standard deviation, as ddpo-pytorch's stat_tracking.py."""
+BATCH_EPS = 1e-8
+"""Added to the whole epoch's standard deviation, as ddpo-pytorch's train.py (without per-prompt tracking)."""
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -49,7 +52,7 @@ class PerPromptStatTracker:
                 mean, std = batch_mean, batch_std
             else:
                 mean, std = np.mean(buffer), np.std(buffer)
-            advantages[mask] = (rewards[mask] - mean) / (std + EPS)
+            advantages[mask] = (rewards[mask] - mean) / (std + PER_PROMPT_EPS)
         return advantages
 
     def stats(self) -> dict[str, float]:
@@ -74,7 +77,7 @@ class PerPromptStatTracker:
 def batch_normalize(rewards: FloatArray) -> FloatArray:
     """(r − mean) / (std + ε) over the whole epoch: the advantage without per-prompt tracking."""
     rewards = np.asarray(rewards, dtype=np.float64)
-    advantages: FloatArray = (rewards - rewards.mean()) / (rewards.std() + EPS)
+    advantages: FloatArray = (rewards - rewards.mean()) / (rewards.std() + BATCH_EPS)
     return advantages
 
 

@@ -1,7 +1,8 @@
 """Prompt sets: the paper's three, plus any text file with one prompt per line.
 
 - ``simple_animals``: the paper's 45 common animals (aesthetic task).
-- ``imagenet_animals``: the 398 animal classes of ImageNet-1k, ids 0-397 (compressibility tasks).
+- ``imagenet_animals``: the 398 animal classes of ImageNet-1k, ids 0-397, each with all its names ("tench, Tinca
+  tinca"), as ddpo-pytorch prompts them (compressibility tasks).
 - ``nouns_activities``: "a <simple animal> <activity>" for the paper's three activities (alignment task).
 - ``shapes``: "<count> <colour> <shape>" for the built-in tiny model, with no background named (54 prompts).
 - ``shapes_heldout``: the same for colour/shape pairs left out of ``shapes`` (18 prompts), for evaluation.
