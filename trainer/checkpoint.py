@@ -4,10 +4,13 @@ A checkpoint folder ``<run_dir>/checkpoints/epoch_000012/`` holds:
 
 - ``model.safetensors``: the trainable parameters (the LoRA adapter, or the whole UNet for full fine-tuning);
 - ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors and its hyperparameters;
-- ``rng.safetensors``: the torch global, sampling and training generator states;
-- ``state.json``: epoch, global step, the stat tracker's buffers, the prompt sampler's numpy state and the config.
+- ``rng_<process>.safetensors``, one per process: its torch global, sampling and training generator states, with its
+  prompt sampler's numpy state and the sha256 of the weights it held in the file's metadata;
+- ``state.json``: epoch, global step, the number of processes, the stat tracker's buffers and the config.
 
-It is written to a temporary folder and renamed into place, so ``latest`` never picks up a half-written one.
+The main process writes everything but the per-process files, once. It is all written to a temporary folder and
+renamed into place, so ``latest`` never picks up a half-written one. With several nodes, the run folder must be on a
+file system that every node shares (as for accelerate's ``save_state``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from trainer.distributed import weights_digest
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "epoch_"
@@ -33,9 +40,17 @@ class TrainingState:
 
     epoch: int  # epochs completed
     global_step: int  # optimizer steps taken
-    stat_tracker: dict[str, Any]
-    prompt_rng: dict[str, Any]  # numpy bit generator state
+    num_processes: int
+    stat_tracker: dict[str, Any]  # the same on every process: it sees every process's rewards
     config: dict[str, Any]
+
+
+@dataclasses.dataclass
+class ProcessRandomState:
+    """One process's random state: each process samples its own prompts and noise."""
+
+    generators: dict[str, torch.Generator]
+    prompt_rng: np.random.Generator
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -62,32 +77,51 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def rng_file(process: int) -> str:
+    return f"rng_{process}.safetensors"
+
+
 def save_checkpoint(
+    accelerator: Accelerator,
     run_dir: Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    generators: dict[str, torch.Generator],
+    random_state: ProcessRandomState,
     state: TrainingState,
     keep: int,
 ) -> Path:
-    """Write the checkpoint for ``state.epoch`` and prune all but the newest ``keep`` (0 keeps all)."""
+    """Write the checkpoint for ``state.epoch`` and prune all but the newest ``keep`` (0 keeps all).
+
+    Every process calls this: each writes its own random state, the main process the rest.
+    """
     root = run_dir / CHECKPOINTS
     final = root / f"{PREFIX}{state.epoch:06d}"
     partial = root / f".partial-{final.name}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file(trainable_state_dict(model), partial / "model.safetensors")
-    optimizer_tensors, optimizer_meta = _optimizer_to_files(optimizer)
-    save_file(optimizer_tensors, partial / "optimizer.safetensors")
-    (partial / "optimizer.json").write_text(json.dumps(optimizer_meta))
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    generators = random_state.generators
     rng = {"torch": torch.get_rng_state()} | {name: gen.get_state() for name, gen in generators.items()}
-    save_file(rng, partial / "rng.safetensors")
-    (partial / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
-    if keep:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
+    metadata = {
+        "prompt_rng": json.dumps(dict(random_state.prompt_rng.bit_generator.state)),
+        "weights_sha256": weights_digest(model),
+    }
+    save_file(rng, partial / rng_file(accelerator.process_index), metadata=metadata)
+    accelerator.wait_for_everyone()
+    if main:
+        save_file(trainable_state_dict(model), partial / "model.safetensors")
+        optimizer_tensors, optimizer_meta = _optimizer_to_files(optimizer)
+        save_file(optimizer_tensors, partial / "optimizer.safetensors")
+        (partial / "optimizer.json").write_text(json.dumps(optimizer_meta))
+        (partial / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        if keep:
+            for old in list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
     return final
 
 
@@ -113,9 +147,21 @@ def resolve_checkpoint(resume: str, run_dir: Path) -> Path:
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator]
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    random_state: ProcessRandomState,
+    process: int,
+    num_processes: int,
 ) -> TrainingState:
-    """Restore the model, optimizer and RNG states in place; return the rest."""
+    """Restore the model, optimizer and this process's random state in place; return the rest."""
+    state = TrainingState(**json.loads((path / "state.json").read_text()))
+    if state.num_processes != num_processes:
+        raise ValueError(
+            f"checkpoint {path} was written by {state.num_processes} process(es) and this run has {num_processes}: "
+            f"resume it with {state.num_processes} (accelerate launch --num_processes {state.num_processes} ...), "
+            "so that every process continues its own prompts and noise"
+        )
     weights = load_file(path / "model.safetensors")
     expected = set(trainable_state_dict(model))
     if set(weights) != expected:
@@ -127,16 +173,14 @@ def load_checkpoint(
     model.load_state_dict(weights, strict=False)
     meta = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_optimizer_from_files(load_file(path / "optimizer.safetensors"), meta))
-    rng = load_file(path / "rng.safetensors")
+    rng_path = path / rng_file(process)
+    rng = load_file(rng_path)
+    with safe_open(rng_path, "pt") as file:
+        metadata = file.metadata()
+    if metadata["weights_sha256"] != weights_digest(model):
+        raise ValueError(f"checkpoint {path}: model.safetensors is not the model its processes saved (corrupt?)")
     torch.set_rng_state(rng.pop("torch"))
-    for name, generator in generators.items():
+    for name, generator in random_state.generators.items():
         generator.set_state(rng[name])
-    return TrainingState(**json.loads((path / "state.json").read_text()))
-
-
-def numpy_rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    return dict(rng.bit_generator.state)
-
-
-def set_numpy_rng_state(rng: np.random.Generator, state: dict[str, Any]) -> None:
-    rng.bit_generator.state = state
+    random_state.prompt_rng.bit_generator.state = json.loads(metadata["prompt_rng"])
+    return state

@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ddpo train",
         description="Fine-tune a Stable-Diffusion-style model with DDPO, getting rewards from a reward server.",
         epilog="Any config key can be set as key=value, e.g. train.algorithm=rwr sample.num_steps=20. "
-        "Run under `accelerate launch -m trainer` for several processes or GPUs.",
+        "Run under `accelerate launch -m trainer` or `torchrun -m trainer` for several processes or GPUs "
+        "(docs/gpu.md).",
     )
     parser.add_argument("--config", required=True, help=f"a preset ({', '.join(preset_names())}) or a .toml/.yaml file")
     parser.add_argument(
@@ -71,12 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
     except ConfigError as error:
         parser.error(str(error))
-    from trainer.rewards import RewardError  # torch and diffusers load only once the config is valid
+    # torch and diffusers load only once the config is valid
+    from trainer.distributed import ProcessFailedError
+    from trainer.precision import NonFiniteError
+    from trainer.rewards import RewardError
     from trainer.train import RatioCheckError, train
 
     try:
         final = train(config, resume=args.resume)
-    except (RewardError, RatioCheckError, ValueError) as error:
+    except (RewardError, RatioCheckError, NonFiniteError, ProcessFailedError, ValueError) as error:
         print(f"ddpo train: {error}", file=sys.stderr)
         return 1
     print(f"ddpo train: done; final weights in {final}")

@@ -39,6 +39,9 @@ class SampleConfig:
     """Sampling batches per epoch. Samples per epoch = batch_size × num_batches_per_epoch × processes."""
     images_per_prompt: int = 1
     """Group sampling: each prompt drawn is sampled k times in the same batch (must divide batch_size)."""
+    vae_slicing: bool = False
+    """Decode the sampled latents one image at a time (diffusers' VAE slicing): the VAE decoder's peak memory stops
+    growing with batch_size, at the cost of speed. The images are the same."""
 
 
 @dataclasses.dataclass
@@ -61,7 +64,12 @@ class TrainConfig:
     timestep_fraction: float = 1.0
     """Fraction of the T steps trained on, a different random subset for each sample (DDPO/RWR alike)."""
     cfg: bool = True
-    """Recompute log-probabilities with classifier-free guidance, as sampled. Off: conditional prediction only."""
+    """Train on the guided prediction ε_u + w (ε_c − ε_u), as sampled: DDPO recomputes log-probabilities with it and
+    RWR regresses it (the replication's Algorithms 1-2). Each UNet call then takes twice the batch, and twice the
+    activation memory. Off: the conditional prediction only (for DDPO this disagrees with sampling)."""
+    gradient_checkpointing: bool = False
+    """Recompute the UNet's activations in the backward pass instead of keeping them: much less activation memory
+    for about a third more training time. The gradients are the same."""
     clip_range: float = 1e-4
     """DDPO-IS trust region ε: ratios are clipped to [1 − ε, 1 + ε]."""
     adv_clip_max: float = 5.0
@@ -169,7 +177,9 @@ class Config:
     run_dir: str = "runs/ddpo"
     """Where metrics.jsonl, TensorBoard logs, image grids, checkpoints and the final LoRA go."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
-    """Autocast on GPU. On a CPU the trainer runs in float32 whatever this says."""
+    """The policy's dtype: fp16 or bf16 load the frozen weights in that dtype and run the UNet under autocast (fp16
+    also scales the loss); trainable weights and the DDIM arithmetic stay float32. The same on a CPU (slowly) as on
+    a GPU. bf16 needs an Ampere or newer GPU; no: float32 throughout."""
     allow_tf32: bool = True
     save_every: int = 20
     """Save a resumable checkpoint every N epochs (and after the last one)."""

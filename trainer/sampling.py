@@ -16,6 +16,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from trainer.ddim import DDIMStepOutput, check_trainable_schedule, ddim_step_with_logprob
+from trainer.precision import check_trajectory
 
 TINY_MODEL = "tiny"
 
@@ -56,6 +57,14 @@ def encode_prompts(pipeline: StableDiffusionPipeline, prompts: list[str], device
     return embeds
 
 
+def model_dtype(unet: torch.nn.Module) -> torch.dtype:
+    """The dtype of the UNet's weights (of its frozen base weights under LoRA), through a DistributedDataParallel
+    wrapper: what its inputs are cast to, as diffusers' pipelines do."""
+    model: UNet2DConditionModel = getattr(unet, "module", unet)
+    dtype: torch.dtype = model.dtype
+    return dtype
+
+
 def guided_noise_pred(
     unet: UNet2DConditionModel,
     latents: torch.Tensor,  # (B, C, h, w)
@@ -64,17 +73,24 @@ def guided_noise_pred(
     negative_embeds: torch.Tensor,  # (1, L, D): the empty prompt
     guidance_scale: float,
 ) -> torch.Tensor:
-    """Classifier-free guidance: ε̂ = ε(x, ∅) + w (ε(x, c) − ε(x, ∅)), both halves in one UNet call of 2B."""
+    """Classifier-free guidance: ε̂ = ε(x, ∅) + w (ε(x, c) − ε(x, ∅)), both halves in one UNet call of 2B.
+
+    The UNet runs in its own dtype (fp16/bf16 under mixed precision); its prediction comes back in float32, and the
+    guidance arithmetic is done there.
+    """
+    dtype = model_dtype(unet)
     if guidance_scale == 1.0:
-        prediction: torch.Tensor = unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample
-        return prediction
+        prediction: torch.Tensor = unet(
+            latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype)
+        ).sample
+        return prediction.float()
     batch = latents.shape[0]
     noise_pred = unet(
-        torch.cat([latents, latents]),
+        torch.cat([latents, latents]).to(dtype),
         torch.cat([timesteps, timesteps]),
-        encoder_hidden_states=torch.cat([negative_embeds.expand(batch, -1, -1), prompt_embeds]),
+        encoder_hidden_states=torch.cat([negative_embeds.expand(batch, -1, -1), prompt_embeds]).to(dtype),
     ).sample
-    uncond, cond = noise_pred.chunk(2)
+    uncond, cond = noise_pred.float().chunk(2)
     guided: torch.Tensor = uncond + guidance_scale * (cond - uncond)
     return guided
 
@@ -104,7 +120,7 @@ class SampleBatch:
 
     prompts: list[str]
     prompt_embeds: torch.Tensor  # (B, L, D)
-    latents: torch.Tensor  # (B, T+1, C, h, w): x_T ... x_0
+    latents: torch.Tensor  # (B, T+1, C, h, w): x_T ... x_0, in float32 whatever the model's dtype
     log_probs: torch.Tensor  # (B, T): log π(x_{t−1} | x_t) at sampling time
     timesteps: torch.Tensor  # (B, T): the scheduler's timesteps, one row per sample
     images: npt.NDArray[np.uint8]  # (B, H, W, 3)
@@ -129,6 +145,10 @@ def sample_batch(
     takes them: image i's initial latents and every step's noise then come from ``generator[i]`` alone, so an image
     does not depend on the batch it was sampled in (``ddpo eval``). ``allow_deterministic`` accepts eta = 0 (DDIM
     without noise, for evaluation); the log-probabilities recorded then mean nothing.
+
+    The trajectory is kept in float32 whatever the model's dtype: the UNet runs in its own dtype, the DDIM step in
+    float32, so the noise and the latents of a run in fp16 or bf16 are those of float32 up to the UNet's rounding.
+    A non-finite latent or log-probability raises ``trainer.precision.NonFiniteError`` before anything is decoded.
     """
     scheduler = pipeline.scheduler
     scheduler.set_timesteps(num_steps, device="cpu")
@@ -140,9 +160,9 @@ def sample_batch(
     if isinstance(generator, list):
         if len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for {batch} prompts: pass one per image, or one")
-        latents = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=prompt_embeds.dtype) for g in generator])
+        latents = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
     else:
-        latents = torch.randn(shape, generator=generator, dtype=prompt_embeds.dtype)
+        latents = torch.randn(shape, generator=generator)
     latents = latents.to(device) * scheduler.init_noise_sigma
     all_latents, log_probs = [latents], []
     for t in scheduler.timesteps:
@@ -161,12 +181,16 @@ def sample_batch(
         latents = step.prev_sample
         all_latents.append(latents)
         log_probs.append(step.log_prob)
+    trajectory = torch.stack(all_latents, dim=1).cpu()
+    step_log_probs = torch.stack(log_probs, dim=1).cpu()
+    timesteps = scheduler.timesteps.expand(batch, -1).clone()
+    check_trajectory(trajectory, step_log_probs, timesteps, model_dtype(unet))
     return SampleBatch(
         prompts=list(prompts),
         prompt_embeds=prompt_embeds.cpu(),
-        latents=torch.stack(all_latents, dim=1).cpu(),
-        log_probs=torch.stack(log_probs, dim=1).cpu(),
-        timesteps=scheduler.timesteps.expand(batch, -1).clone(),
+        latents=trajectory,
+        log_probs=step_log_probs,
+        timesteps=timesteps,
         images=decode_images(pipeline, latents),
     )
 

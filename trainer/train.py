@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import logging
+import math
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
@@ -28,42 +29,62 @@ from clients import AnyRewardClient
 from clients.evaluation import now, write_evaluation
 from trainer import advantages as adv
 from trainer import losses
-from trainer.checkpoint import (
-    TrainingState,
-    load_checkpoint,
-    numpy_rng_state,
-    resolve_checkpoint,
-    save_checkpoint,
-    set_numpy_rng_state,
-)
+from trainer.checkpoint import ProcessRandomState, TrainingState, load_checkpoint, resolve_checkpoint, save_checkpoint
 from trainer.config import Config, to_dict
 from trainer.ddim import DDIMStepOutput
+from trainer.distributed import (
+    any_process,
+    check_same_weights,
+    fail_together,
+    max_over_processes,
+    mean_over_processes,
+    weights_digest,
+)
 from trainer.evaluate import EvalResult, evaluation_prompts
 from trainer.export import export_final
+from trainer.precision import ADVICE, NonFiniteError, dtype_name, make_accelerator, policy_dtype
 from trainer.prompts import PromptSampler, load_prompts
-from trainer.rewards import EpochRewards, connect
-from trainer.sampling import SampleBatch, encode_prompts, load_pipeline, policy_step, sample_batch
+from trainer.rewards import EpochRewards, RewardError, connect
+from trainer.sampling import SampleBatch, encode_prompts, guided_noise_pred, load_pipeline, policy_step, sample_batch
 from trainer.tracking import RunLogger, before_after_grid, plot_rewards
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # logs on the main process only
 
 
 class RatioCheckError(RuntimeError):
     """Log-probabilities recomputed with unchanged weights disagree with those recorded while sampling."""
 
 
+@contextlib.contextmanager
+def failing_together(accelerator: Accelerator) -> Iterator[None]:
+    """Run the block on every process; if it raised a reward or non-finite error on any, every process raises.
+
+    Without this, a process that fails alone leaves the others waiting at the next collective (``trainer.distributed``).
+    """
+    try:
+        yield
+    except (RewardError, NonFiniteError) as error:
+        fail_together(accelerator, error)
+        raise
+    fail_together(accelerator, None)
+
+
 @dataclasses.dataclass
 class Epoch:
-    """One epoch's samples, concatenated over sampling batches and restricted to the items that got a reward."""
+    """One epoch's samples of this process, concatenated over sampling batches.
+
+    An item whose reward failed (``--on-reward-error=drop``) stays, with weight 0: it adds nothing to the loss, and
+    every process keeps the same number of minibatches, so none waits at a gradient all-reduce the others skip.
+    """
 
     prompts: list[str]
     prompt_embeds: torch.Tensor  # (N, L, D)
     latents: torch.Tensor  # (N, T+1, C, h, w)
     log_probs: torch.Tensor  # (N, T)
     timesteps: torch.Tensor  # (N, T)
-    rewards: npt.NDArray[np.float64]  # (N_all,) the scored rewards of every process, for the epoch's statistics
-    weights: torch.Tensor  # (N,) advantages (DDPO) or regression weights (RWR)
-    dropped: int  # items of every process left out after a reward error (--on-reward-error=drop)
+    rewards: npt.NDArray[np.float64]  # (N_scored,) the scored rewards of every process, for the epoch's statistics
+    weights: torch.Tensor  # (N,) advantages (DDPO) or regression weights (RWR); 0 for dropped items
+    dropped: int  # items of every process whose reward failed (--on-reward-error=drop)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -73,10 +94,8 @@ class Trainer:
     def __init__(self, config: Config, resume: str | None = None) -> None:
         self.config = config
         self.run_dir = Path(config.run_dir)
-        self.accelerator = Accelerator(
-            mixed_precision=config.mixed_precision if torch.cuda.is_available() else "no",
-            project_dir=str(self.run_dir),
-        )
+        self.accelerator = make_accelerator(config.mixed_precision, str(self.run_dir))
+        self.dtype = policy_dtype(config.mixed_precision)  # frozen weights and the UNet's arithmetic
         self.device = self.accelerator.device
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -118,8 +137,9 @@ class Trainer:
     def _load_policy(self) -> StableDiffusionPipeline:
         """The pipeline with frozen VAE and text encoder, and a UNet whose LoRA adapter (or whole self) trains."""
         config = self.config
-        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
-        pipeline = load_pipeline(config.model, config.revision, dtype=half)
+        pipeline = load_pipeline(config.model, config.revision, dtype=self.dtype)
+        if config.sample.vae_slicing:
+            pipeline.vae.enable_slicing()
         pipeline.vae.requires_grad_(False).to(self.device)
         pipeline.text_encoder.requires_grad_(False).to(self.device)
         unet = pipeline.unet.to(self.device)
@@ -140,8 +160,9 @@ class Trainer:
                     param.data = param.data.float()
         else:
             unet.requires_grad_(True)
-            if half is not torch.float32:
-                unet.to(dtype=torch.float32)  # full fine-tuning keeps float32 master weights under autocast
+            unet.to(dtype=torch.float32)  # full fine-tuning keeps float32 master weights under autocast
+        if config.train.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
         return pipeline
 
     def _reference_unet(self) -> torch.nn.Module | None:
@@ -163,10 +184,14 @@ class Trainer:
         finally:
             unet.enable_adapters()
 
+    def _random_state(self) -> ProcessRandomState:
+        return ProcessRandomState(self.generators, self.prompts.rng)
+
     def _resume(self, path: Path) -> None:
-        state = load_checkpoint(path, self.accelerator.unwrap_model(self.unet), self.optimizer, self.generators)
+        acc = self.accelerator
+        unet = acc.unwrap_model(self.unet)
+        state = load_checkpoint(path, unet, self.optimizer, self._random_state(), acc.process_index, acc.num_processes)
         self.stat_tracker.load_state_dict(state.stat_tracker)
-        set_numpy_rng_state(self.prompts.rng, state.prompt_rng)
         self.start_epoch, self.global_step = state.epoch, state.global_step
         logger.info("resumed from %s: epoch %d, step %d", path, state.epoch, state.global_step)
 
@@ -174,13 +199,17 @@ class Trainer:
 
     def run(self) -> Path:
         config = self.config
+        main = self.accelerator.is_main_process
         self.run_dir.mkdir(parents=True, exist_ok=True)
         samples = config.samples_per_epoch(self.accelerator.num_processes)
         logger.info(
-            "%s on %s, reward %r from %s: %d samples/epoch, %d optimizer steps/epoch, %d of %d steps trained, "
-            "epochs %d..%d",
+            "%s on %s (policy %s on %s, %d process(es)), reward %r from %s: %d samples/epoch, %d optimizer "
+            "steps/epoch, %d of %d steps trained, epochs %d..%d",
             config.train.algorithm,
             config.model,
+            dtype_name(self.dtype),
+            self.device.type,
+            self.accelerator.num_processes,
             config.reward.name,
             config.reward.server,
             samples,
@@ -193,14 +222,17 @@ class Trainer:
         client = connect(
             config.reward.server, config.reward.name, config.reward.token, config.reward.ca_file, config.reward.timeout
         )
-        run_logger = RunLogger(
-            self.run_dir,
-            to_dict(config),
-            config.log.tensorboard,
-            config.log.wandb,
-            config.log.wandb_project,
-            self.start_epoch,
-        )
+        # logs, images, evaluations and plots are written once, by the main process
+        run_logger = None
+        if main:
+            run_logger = RunLogger(
+                self.run_dir,
+                to_dict(config),
+                config.log.tensorboard,
+                config.log.wandb,
+                config.log.wandb_project,
+                self.start_epoch,
+            )
         try:
             if self.eval_prompts and self.start_epoch == 0:
                 self.run_eval(0, client, run_logger)
@@ -214,7 +246,8 @@ class Trainer:
             )
             for epoch in epochs:
                 metrics = self.run_epoch(epoch, client, run_logger)
-                run_logger.log_epoch(metrics)
+                if run_logger is not None:
+                    run_logger.log_epoch(metrics)
                 epochs.set_postfix(reward=f"{metrics['reward_mean']:.4g}")
                 logger.info(
                     "epoch %d: %s %.4f ± %.4f over %d samples (sampling %.1fs, reward wait %.2fs, training %.1fs)",
@@ -235,40 +268,47 @@ class Trainer:
                 ):
                     self.run_eval(done, client, run_logger)
         finally:
-            run_logger.close()
+            if run_logger is not None:
+                run_logger.close()
             client.close()
-        if self.accelerator.is_main_process:
+        final = self.run_dir / "final"
+        if main:
             logger.info("reward curve: %s", plot_rewards(self.run_dir, config.reward.name))
             if (grid := before_after_grid(self.run_dir)) is not None:
                 logger.info("held-out samples before and after training: %s", grid)
-        return export_final(self.pipeline, self.accelerator.unwrap_model(self.unet), config, self.run_dir)
-
-    def run_eval(self, epoch: int, client: AnyRewardClient, run_logger: RunLogger) -> None:
-        """Score the held-out prompts with fixed noise (``trainer.evaluate``), on the main process only."""
-        if self.accelerator.is_main_process:
-            self.unet.eval()
-            size, r = self.config.sample.batch_size, self.config.reward
-            prompt_batches = [self.eval_prompts[i : i + size] for i in range(0, len(self.eval_prompts), size)]
-            generator = torch.Generator().manual_seed(self.config.eval.seed)  # the same noise at every evaluation
-            what = f"the held-out evaluation at epoch {epoch}"
-            rewards = EpochRewards(client, r.name, r.timeout, r.on_error, what)
-            batches = rewards.stream(self.sample(self.accelerator.unwrap_model(self.unet), prompt_batches, generator))
-            images = np.concatenate([batch.images for batch in batches])
-            scores = rewards.collect()
-            result = EvalResult(epoch, self.eval_prompts, images, scores.scores)
-            summary = result.summary()
-            folder = run_logger.log_eval(summary, result.images, result.prompts)
-            records = result.records(r.name, self.config.eval.samples_per_prompt, scores.failures)
-            write_evaluation(folder, records, [r.name], self._eval_settings(epoch))
-            logger.info(
-                "held-out evaluation at epoch %d: %s = %.4f ± %.4f over %d samples",
-                epoch,
-                r.name,
-                summary["reward_mean"],
-                summary["reward_std"],
-                summary["samples"],
-            )
+            final = export_final(self.pipeline, self.accelerator.unwrap_model(self.unet), config, self.run_dir)
         self.accelerator.wait_for_everyone()
+        return final
+
+    def run_eval(self, epoch: int, client: AnyRewardClient, run_logger: RunLogger | None) -> None:
+        """Score the held-out prompts with fixed noise (``trainer.evaluate``), on the main process only."""
+        with failing_together(self.accelerator):
+            if run_logger is not None:
+                self._evaluate(epoch, client, run_logger)
+
+    def _evaluate(self, epoch: int, client: AnyRewardClient, run_logger: RunLogger) -> None:
+        self.unet.eval()
+        size, r = self.config.sample.batch_size, self.config.reward
+        prompt_batches = [self.eval_prompts[i : i + size] for i in range(0, len(self.eval_prompts), size)]
+        generator = torch.Generator().manual_seed(self.config.eval.seed)  # the same noise at every evaluation
+        what = f"the held-out evaluation at epoch {epoch}"
+        rewards = EpochRewards(client, r.name, r.timeout, r.on_error, what)
+        batches = rewards.stream(self.sample(prompt_batches, generator, what))
+        images = np.concatenate([batch.images for batch in batches])
+        scores = rewards.collect()
+        result = EvalResult(epoch, self.eval_prompts, images, scores.scores)
+        summary = result.summary()
+        folder = run_logger.log_eval(summary, result.images, result.prompts)
+        records = result.records(r.name, self.config.eval.samples_per_prompt, scores.failures)
+        write_evaluation(folder, records, [r.name], self._eval_settings(epoch))
+        logger.info(
+            "held-out evaluation at epoch %d: %s = %.4f ± %.4f over %d samples",
+            epoch,
+            r.name,
+            summary["reward_mean"],
+            summary["reward_std"],
+            summary["samples"],
+        )
 
     def _eval_settings(self, epoch: int) -> dict[str, Any]:
         """The settings at the top of a held-out evaluation's summary.json and report.html."""
@@ -294,31 +334,42 @@ class Trainer:
         }
 
     def sample(
-        self, unet: torch.nn.Module, prompt_batches: Iterable[list[str]], generator: torch.Generator
+        self, prompt_batches: Iterable[list[str]], generator: torch.Generator, what: str
     ) -> Iterator[SampleBatch]:
-        """One sampled batch per list of prompts, with the configured sampler, yielded as soon as it is decoded."""
-        c = self.config.sample
-        for prompts in prompt_batches:
-            with self.accelerator.autocast():
-                yield sample_batch(
-                    self.pipeline,
-                    unet,
-                    prompts,
-                    self.negative_embeds,
-                    c.num_steps,
-                    c.guidance_scale,
-                    c.eta,
-                    generator,
-                    self.device,
-                )
+        """One sampled batch per list of prompts, with the configured sampler, yielded as soon as it is decoded.
 
-    def run_epoch(self, epoch: int, client: AnyRewardClient, run_logger: RunLogger) -> dict[str, Any]:
+        Sampling needs no gradient synchronisation, so it runs the unwrapped UNet. A batch with a non-finite latent or
+        log-probability raises NonFiniteError before it is yielded: it never reaches the reward service.
+        """
+        c = self.config.sample
+        unet = self.accelerator.unwrap_model(self.unet)
+        for n, prompts in enumerate(prompt_batches):
+            try:
+                with self.accelerator.autocast():
+                    batch = sample_batch(
+                        self.pipeline,
+                        unet,
+                        prompts,
+                        self.negative_embeds,
+                        c.num_steps,
+                        c.guidance_scale,
+                        c.eta,
+                        generator,
+                        self.device,
+                    )
+            except NonFiniteError as error:
+                raise NonFiniteError(
+                    f"{what}, sampling batch {n + 1}: these samples were not sent to the reward service: {error}"
+                ) from None
+            yield batch
+
+    def run_epoch(self, epoch: int, client: AnyRewardClient, run_logger: RunLogger | None) -> dict[str, Any]:
         config = self.config
         #################### SAMPLING (rewards stream to the service meanwhile) ####################
         started = time.perf_counter()
         self.unet.eval()
         r = config.reward
-        rewards = EpochRewards(client, r.name, r.timeout, r.on_error, f"epoch {epoch + 1}", r.stream)
+        what = f"epoch {epoch + 1}"
         prompt_batches = (
             self.prompts.sample(config.sample.batch_size, config.sample.images_per_prompt)
             for _ in tqdm(
@@ -328,22 +379,24 @@ class Trainer:
                 leave=False,
             )
         )
-        batches = rewards.stream(self.sample(self.unet, prompt_batches, self.generators["sampling"]))
-        sample_s = time.perf_counter() - started
+        with failing_together(self.accelerator):
+            rewards = EpochRewards(client, r.name, r.timeout, r.on_error, what, r.stream)
+            batches = rewards.stream(self.sample(prompt_batches, self.generators["sampling"], what))
+            sample_s = time.perf_counter() - started
 
-        #################### REWARDS ####################
-        scores = rewards.collect()
-        data = self._epoch_data(batches, scores.scores, scores.kept)
-        if config.log.images_every and (epoch + 1) % config.log.images_every == 0:
-            count = min(config.log.grid_size, len(data))
+            #################### REWARDS ####################
+            scores = rewards.collect()
+        data = self._epoch_data(batches, scores.scores)
+        if run_logger is not None and config.log.images_every and (epoch + 1) % config.log.images_every == 0:
+            count = min(config.log.grid_size, int(scores.kept.sum()))
             images = np.concatenate([b.images for b in batches])[scores.kept][:count]
-            kept_rewards = scores.scores[scores.kept][:count]
-            run_logger.log_images(epoch + 1, images, data.prompts[:count], kept_rewards.tolist())
+            kept_prompts = [p for p, keep in zip(data.prompts, scores.kept, strict=True) if keep][:count]
+            run_logger.log_images(epoch + 1, images, kept_prompts, scores.scores[scores.kept][:count].tolist())
 
         #################### TRAINING ####################
         started = time.perf_counter()
         self.unet.train()
-        train_metrics = self.train_on(data)
+        train_metrics = self.train_on(data, epoch + 1)
         train_s = time.perf_counter() - started
         return {
             "epoch": epoch + 1,
@@ -358,33 +411,31 @@ class Trainer:
             "rewards_ready_frac": scores.ready_frac,
             "train_s": train_s,
             **self.stat_tracker.stats(),
+            "policy_dtype": dtype_name(self.dtype),
+            "processes": self.accelerator.num_processes,
         }
 
-    def _epoch_data(
-        self, batches: list[SampleBatch], rewards: npt.NDArray[np.float64], kept: npt.NDArray[np.bool_]
-    ) -> Epoch:
-        """Concatenate the batches, drop failed items, and turn rewards into advantages or RWR weights.
+    def _epoch_data(self, batches: list[SampleBatch], rewards: npt.NDArray[np.float64]) -> Epoch:
+        """Concatenate the batches and turn rewards (NaN: dropped) into advantages or RWR weights (0: dropped).
 
         Statistics are over every process's samples, as in ddpo-pytorch: each process gathers all rewards and prompt
         ids (tensors, no pickling), computes every weight, and keeps its own slice.
         """
         prompts = [p for b in batches for p in b.prompts]
         all_prompts, all_rewards, mine = self._gather(prompts, rewards)
-        all_kept = ~np.isnan(all_rewards)
-        weights = np.full(len(all_rewards), np.nan)
-        weights[all_kept] = self._weights(
-            [p for p, k in zip(all_prompts, all_kept, strict=True) if k], all_rewards[all_kept]
-        )
-        mask = torch.from_numpy(kept)
+        scored = ~np.isnan(all_rewards)
+        weights = np.zeros(len(all_rewards))
+        scored_prompts = [p for p, ok in zip(all_prompts, scored, strict=True) if ok]
+        weights[scored] = self._weights(scored_prompts, all_rewards[scored])
         return Epoch(
-            prompts=[p for p, keep in zip(prompts, kept, strict=True) if keep],
-            prompt_embeds=torch.cat([b.prompt_embeds for b in batches])[mask],
-            latents=torch.cat([b.latents for b in batches])[mask],
-            log_probs=torch.cat([b.log_probs for b in batches])[mask],
-            timesteps=torch.cat([b.timesteps for b in batches])[mask],
-            rewards=all_rewards[all_kept],
-            weights=torch.as_tensor(weights[mine][kept], dtype=torch.float32),
-            dropped=int((~all_kept).sum()),
+            prompts=prompts,
+            prompt_embeds=torch.cat([b.prompt_embeds for b in batches]),
+            latents=torch.cat([b.latents for b in batches]),
+            log_probs=torch.cat([b.log_probs for b in batches]),
+            timesteps=torch.cat([b.timesteps for b in batches]),
+            rewards=all_rewards[scored],
+            weights=torch.as_tensor(weights[mine], dtype=torch.float32),
+            dropped=int((~scored).sum()),
         )
 
     def _gather(
@@ -414,13 +465,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the update
 
-    def train_on(self, data: Epoch) -> dict[str, float | None]:
-        """``num_inner_epochs`` passes over the epoch in shuffled minibatches; returns averaged diagnostics."""
+    def train_on(self, data: Epoch, epoch: int) -> dict[str, float | None]:
+        """``num_inner_epochs`` passes over the epoch in shuffled minibatches; returns diagnostics averaged over the
+        optimizer steps and the processes."""
         config = self.config
         generator = self.generators["training"]
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         ratio_check: float | None = None  # RWR does not use log-probabilities
+        skipped = 0
         for inner in range(config.train.num_inner_epochs):
             order = torch.randperm(len(data), generator=generator)
             # each sample visits its own random subset of the T steps, in a random order (timestep_fraction)
@@ -439,21 +492,27 @@ class Trainer:
                 disable=not self.accelerator.is_local_main_process,
                 leave=False,
             ):
-                for key, value in self.optimizer_step(data, group, step_order).items():
+                terms = self.optimizer_step(data, group, step_order, epoch)
+                skipped += int(self.accelerator.optimizer_step_was_skipped)
+                for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + value
                     counts[key] = counts.get(key, 0) + 1
         # approx_kl and clipfrac stay None (null in metrics.jsonl) for RWR, which has no importance ratio
         metrics: dict[str, float | None] = {"approx_kl": None, "clipfrac": None}
-        metrics.update({key: sums[key] / counts[key] for key in sums})
+        metrics.update(mean_over_processes(self.accelerator, {key: sums[key] / counts[key] for key in sums}))
         metrics["ratio_check"] = ratio_check
+        metrics["skipped_steps"] = skipped  # fp16 only: steps the loss scaler skipped after an overflow
         return metrics
 
-    def optimizer_step(self, data: Epoch, group: list[torch.Tensor], step_order: torch.Tensor) -> dict[str, float]:
+    def optimizer_step(
+        self, data: Epoch, group: list[torch.Tensor], step_order: torch.Tensor, epoch: int
+    ) -> dict[str, float]:
         """Accumulate gradients over the group's minibatches and trained steps, then take one optimizer step.
 
-        Accumulation is explicit rather than accelerate's ``accumulate``, so that a short last group (after
-        ``--on-reward-error=drop``) still averages correctly; ``no_sync`` skips gradient all-reduce until the last
-        backward pass of the step.
+        Accumulation is explicit rather than accelerate's ``accumulate``; ``no_sync`` skips gradient all-reduce until
+        the last backward pass of the step. A non-finite loss or gradient norm stops the run before the step, on
+        every process; except that in fp16 an overflowing gradient is the loss scaler's to handle (it skips the step
+        and lowers the scale), until the scale falls below 1.
         """
         micro_steps = [(indices, j) for indices in group for j in range(step_order.shape[1])]
         totals: dict[str, float] = {}
@@ -465,10 +524,18 @@ class Trainer:
                 self.accelerator.backward(terms["loss"] / len(micro_steps))
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micro_steps)
-        self.accelerator.clip_grad_norm_(self.unet.parameters(), self.config.train.max_grad_norm)
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.unet.parameters(), self.config.train.max_grad_norm))
+        where = f"epoch {epoch}, optimizer step {self.global_step + 1} ({dtype_name(self.dtype)})"
+        if any_process(self.accelerator, not math.isfinite(totals["loss"])):
+            raise NonFiniteError(f"{where}: the loss is not finite on at least one process. {ADVICE}")
+        scaler = self.accelerator.scaler
+        if not math.isfinite(grad_norm) and (scaler is None or scaler.get_scale() < 1):
+            raise NonFiniteError(f"{where}: the gradient norm is {grad_norm}. {ADVICE}")
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.global_step += 1
+        if math.isfinite(grad_norm):
+            totals["grad_norm"] = grad_norm
         return totals
 
     def loss(self, data: Epoch, indices: torch.Tensor, step_index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -497,12 +564,15 @@ class Trainer:
             out["loss"] = terms.loss + t.kl_coef * kl
         return out
 
+    def _train_guidance(self) -> float:
+        """The guidance weight of the UNet calls in training: the sampler's, unless train.cfg is off."""
+        return self.config.sample.guidance_scale if self.config.train.cfg else 1.0
+
     def policy(
         self, unet: torch.nn.Module, data: Epoch, indices: torch.Tensor, step_index: torch.Tensor
     ) -> DDIMStepOutput:
         """π(x_{t−1} | x_t, c) of the recorded step ``step_index`` (one per sample) of samples ``indices``, with the
         sampling settings (and guidance unless train.cfg is off)."""
-        c = self.config
         return policy_step(
             unet,
             self.pipeline.scheduler,
@@ -510,64 +580,73 @@ class Trainer:
             data.timesteps[indices, step_index].to(self.device),
             data.prompt_embeds[indices].to(self.device),
             self.negative_embeds,
-            c.sample.guidance_scale if c.train.cfg else 1.0,
-            c.sample.eta,
+            self._train_guidance(),
+            self.config.sample.eta,
             prev_latents=data.latents[indices, step_index + 1].to(self.device),  # x_{t-1}, as sampled
         )
 
     def rwr_loss(self, x0: torch.Tensor, prompt_embeds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The weighted denoising loss at a fresh random training timestep and noise for each sample."""
+        """The weighted denoising loss at a fresh random training timestep and noise for each sample.
+
+        With train.cfg (the default, as the replication's Algorithms 1-2 and jannerm/ddpo) the regressed prediction
+        is the guided one, ε_u + w (ε_c − ε_u): one UNet call on twice the batch, so twice the activation memory.
+        """
         scheduler = self.pipeline.scheduler
         generator = self.generators["training"]
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(self.device)
-        noisy = scheduler.add_noise(x0, noise, timesteps.to(self.device))
-        prediction = self.unet(noisy, timesteps.to(self.device), encoder_hidden_states=prompt_embeds).sample
+        timesteps = timesteps.to(self.device)
+        noisy = scheduler.add_noise(x0, noise, timesteps)
+        prediction = guided_noise_pred(
+            self.unet, noisy, timesteps, prompt_embeds, self.negative_embeds, self._train_guidance()
+        )
         if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(x0, noise, timesteps.to(self.device))
+            target = scheduler.get_velocity(x0, noise, timesteps)
         else:
             target = noise
         return losses.rwr_loss(prediction, target, weights)
 
     @torch.no_grad()
     def check_ratio(self, data: Epoch, indices: torch.Tensor, step_order: torch.Tensor) -> float:
-        """max |π_θ/π_old − 1| on a minibatch before the epoch's first update: it must be ~0, or the update is wrong."""
-        worst = 0.0
+        """max |π_θ/π_old − 1| on a minibatch before the epoch's first update, over every process: it must be ~0, or
+        the update is wrong. A NaN or infinite ratio always fails (unless the check is off)."""
+        t = self.config.train
+        if t.ratio_check == "off":
+            return 0.0
+        deviations = []
         with self.accelerator.autocast():
             for j in range(step_order.shape[1]):
                 step_index = step_order[indices, j]
                 step = self.policy(self.unet, data, indices, step_index)
                 ratio = torch.exp(step.log_prob - data.log_probs[indices, step_index].to(self.device))
-                worst = max(worst, float((ratio - 1).abs().max()))
-        t = self.config.train
-        if worst > t.ratio_tolerance and t.ratio_check != "off":
-            message = (
-                f"ratio self-check: with unchanged weights, recomputed log-probabilities differ from the sampled ones "
-                f"(max |ratio − 1| = {worst:.3g} > train.ratio_tolerance = {t.ratio_tolerance:g}). Sampling and "
-                "training disagree: check mixed precision, that train.cfg matches sampling, and that nothing changed "
-                "the scheduler. Set train.ratio_check='warn' to continue anyway."
-            )
-            if t.ratio_check == "fail":
-                raise RatioCheckError(message)
-            logger.warning(message)
+                deviations.append((ratio - 1).abs())
+        worst = max_over_processes(self.accelerator, float(torch.cat(deviations).nan_to_num(torch.inf).max()))
+        if math.isfinite(worst) and worst <= t.ratio_tolerance:
+            return worst
+        message = (
+            f"ratio self-check: with unchanged weights, recomputed log-probabilities differ from the sampled ones "
+            f"(max |ratio − 1| = {worst:.3g} > train.ratio_tolerance = {t.ratio_tolerance:g}, policy in "
+            f"{dtype_name(self.dtype)}). Sampling and training disagree: check mixed precision, that train.cfg matches "
+            "sampling, and that nothing changed the scheduler."
+        )
+        if t.ratio_check == "fail" or not math.isfinite(worst):
+            raise RatioCheckError(message + " Set train.ratio_check='warn' to continue anyway (not if it is inf).")
+        logger.warning(message)
         return worst
 
     def save(self, epoch: int) -> Path:
+        """A checkpoint of ``epoch``, after checking that every process holds the same weights."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        check_same_weights(self.accelerator, weights_digest(unet))
         state = TrainingState(
             epoch=epoch,
             global_step=self.global_step,
+            num_processes=self.accelerator.num_processes,
             stat_tracker=self.stat_tracker.state_dict(),
-            prompt_rng=numpy_rng_state(self.prompts.rng),
             config=to_dict(self.config),
         )
-        path = save_checkpoint(
-            self.run_dir,
-            self.accelerator.unwrap_model(self.unet),
-            self.optimizer,
-            self.generators,
-            state,
-            self.config.keep_checkpoints,
-        )
+        keep = self.config.keep_checkpoints
+        path = save_checkpoint(self.accelerator, self.run_dir, unet, self.optimizer, self._random_state(), state, keep)
         logger.info("saved checkpoint %s", path)
         return path
 
