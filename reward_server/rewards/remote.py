@@ -78,6 +78,11 @@ def parse_endpoint_url(url: str, served_name: str) -> EndpointUrl:
     forms = "grpc://HOST:PORT/REWARD, grpcs://HOST:PORT/REWARD, triton://HOST:PORT/MODEL or http(s)://HOST[:PORT]/PATH"
     if parts.scheme not in SCHEMES or not parts.hostname:
         raise ValueError(f"endpoint url {url!r} is not one of {forms}")
+    if parts.username is not None or parts.password is not None:  # the URL is saved and logged: no secrets in it
+        raise ValueError(
+            f"endpoint url {parts._replace(netloc=parts.hostname).geturl()!r} carries credentials; "
+            "put the token in a file and pass it as the auth_token_file option"
+        )
     if parts.scheme in ("http", "https"):
         return EndpointUrl(parts.scheme, url, served_name)
     try:
