@@ -25,40 +25,21 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-
-import numpy as np
-import numpy.typing as npt
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as `python bench/epoch.py` from anywhere
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torchvision notices when the trainer imports
 
-from reward_server.rewards import Metadata, RewardOutput  # noqa: E402
-from reward_server.rewards.jpeg import JpegSize  # noqa: E402
+from tests.support import DelayedJpeg  # noqa: E402
 
 MODES = {"streaming": True, "after-sampling": False}
 FIELDS = ("sample_s", "reward_wait_s", "train_s", "epoch_s", "rewards_ready_frac")
 _LISTENING = re.compile(r"listening on (\S+:\d+)")
 T = TypeVar("T")
-
-
-class DelayedJpeg(JpegSize):
-    """jpeg_compressibility that also sleeps ``delay_s`` per batch, like a model reward that costs as much."""
-
-    def __init__(self, delay_s: float) -> None:
-        super().__init__("jpeg_compressibility", sign=-1)
-        self.delay_s = delay_s
-
-    def score(
-        self, images: Sequence[npt.NDArray[np.uint8]], prompts: Sequence[str | None], metadata: Sequence[Metadata]
-    ) -> RewardOutput:
-        time.sleep(self.delay_s)
-        return super().score(images, prompts, metadata)
 
 
 def serve(port: int, delay_ms: float, batch_size: int) -> None:

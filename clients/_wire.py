@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,8 @@ Images = npt.NDArray[np.uint8] | Sequence[ImageInput]
 
 SERVICE: str = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
 MAX_MESSAGE_BYTES = 256 << 20
+STREAM_POLL_S = 1.0
+"""How often a stream's reader looks at its progress clock while waiting for answers."""
 # Retries are for UNAVAILABLE only (server not reachable yet, or restarting); other codes are answers.
 _RETRY_POLICY = {
     "maxAttempts": 5,
@@ -38,21 +41,40 @@ _RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
+# Unary calls only. gRPC's transparent retries of a stream replay it from a buffer, and a stream whose server died
+# before its first answer was seen to block forever, cancel() included; streams fail instead, and whoever owns the
+# stream re-sends what is unanswered (the trainer does: trainer/rewards.py).
 SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [{"service": SERVICE}, {"service": "grpc.health.v1.Health"}],
+                "name": [
+                    {"service": SERVICE, "method": "Score"},
+                    {"service": SERVICE, "method": "ListRewards"},
+                    {"service": "grpc.health.v1.Health", "method": "Check"},
+                ],
                 "retryPolicy": _RETRY_POLICY,
             }
         ]
     }
 )
+KEEPALIVE_TIME_MS = 20_000
+"""While a call is open, the client pings the server this often, so that a peer that vanished without closing the
+connection (a lost node) is noticed within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS. ``ddpo serve`` accepts pings
+this frequent (reward_server.server)."""
+KEEPALIVE_TIMEOUT_MS = 10_000
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 1),
     ("grpc.service_config", SERVICE_CONFIG),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    # a server that comes back is found within seconds; gRPC's default backoff grows to 2 minutes
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 _FORMATS = {None: pb.IMAGE_FORMAT_UNSPECIFIED, "png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG}
 
@@ -318,19 +340,20 @@ class ChannelOwner:
         server: str,
         *,
         timeout: float = 60.0,
-        stream_timeout: float = 3600.0,
+        progress_timeout: float = 600.0,
         tls: bool | None = None,
         root_certificates: bytes | str | Path | None = None,
         auth_token: str | None = None,
     ) -> None:
         """Connect to ``server`` (``host:port``, ``grpc://host:port`` or ``grpcs://host:port`` for TLS).
 
-        ``timeout`` is the default deadline of unary calls and ``stream_timeout`` that of streams, in seconds;
-        ``auth_token`` is sent as ``authorization: Bearer <token>``.
+        ``timeout`` is the default deadline of unary calls, in seconds. A stream has no deadline: it fails when items
+        are outstanding and no answer has come for ``progress_timeout`` seconds (default of ``open_stream``), so that
+        a slow producer never times it out. ``auth_token`` is sent as ``authorization: Bearer <token>``.
         """
         self.target = parse_target(server, tls=tls, root_certificates=root_certificates, auth_token=auth_token)
         self.timeout = timeout
-        self.stream_timeout = stream_timeout
+        self.progress_timeout = progress_timeout
         if self.target.tls:
             credentials = grpc.ssl_channel_credentials(self.target.root_certificates)
             self._channel = self._grpc.secure_channel(self.target.address, credentials, options=CHANNEL_OPTIONS)
@@ -377,13 +400,20 @@ def order_results(items: Sequence[pb.Item], results: Iterable[pb.ScoreResult]) -
 
 
 class StreamLedger:
-    """Bookkeeping of one score stream: which ids were sent, which were answered."""
+    """Bookkeeping of one score stream: which ids were sent, which were answered, and since when it has waited.
 
-    def __init__(self) -> None:
+    The progress clock restarts at every answer and whenever items go out while none was outstanding.
+    """
+
+    def __init__(self, progress_timeout: float) -> None:
+        if not progress_timeout > 0:
+            raise ValueError(f"progress_timeout must be > 0 seconds, got {progress_timeout}")
         self._next = 0
         self.sent: set[str] = set()
         self.answered: set[str] = set()
         self.closed = False
+        self.progress_timeout = progress_timeout
+        self._progress_at = time.monotonic()
 
     def request(
         self,
@@ -398,6 +428,8 @@ class StreamLedger:
             raise RuntimeError("the stream is closed; open a new one to send more items")
         batch = checked_items(reward, images, prompts, metadata, ids, encoding, taken=self.sent, first_id=self._next)
         self._next += len(batch.items)
+        if not self.outstanding:
+            self._progress_at = time.monotonic()
         self.sent.update(item.id for item in batch.items)
         return batch, [item.id for item in batch.items]
 
@@ -408,15 +440,41 @@ class StreamLedger:
                 f"{'twice' if result.id in self.answered else 'which was never sent'}"
             )
         self.answered.add(result.id)
+        self._progress_at = time.monotonic()
         return ItemResult.from_proto(result)
 
     @property
     def done(self) -> bool:
         return self.closed and self.answered == self.sent
 
-    def unanswered_error(self) -> RuntimeError:
+    @property
+    def outstanding(self) -> int:
+        return len(self.sent) - len(self.answered)
+
+    def wait_time(self) -> float:
+        """How long a reader may wait for the next answer before checking ``stalled`` again (0: check now)."""
+        if not self.outstanding:
+            return STREAM_POLL_S  # nothing is owed; look again soon, in case items go out meanwhile
+        return max(0.0, min(self._progress_at + self.progress_timeout - time.monotonic(), STREAM_POLL_S * 10))
+
+    def stalled(self) -> RewardServiceError | None:
+        """DEADLINE_EXCEEDED if items are outstanding and no answer came for ``progress_timeout`` seconds."""
+        if self.outstanding and time.monotonic() - self._progress_at >= self.progress_timeout:
+            return RewardServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no answer for {self.progress_timeout:g}s with {self.outstanding} item(s) outstanding",
+                "ScoreStream",
+            )
+        return None
+
+    def unanswered_error(self) -> RewardServiceError:
+        """The server ended the stream (as when it shuts down) before answering every item."""
         missing = sorted(self.sent - self.answered)
-        return RuntimeError(f"the stream ended with {len(missing)} item(s) unanswered, e.g. {missing[:5]}")
+        return RewardServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the server ended the stream with {len(missing)} item(s) unanswered, e.g. {missing[:5]}",
+            "ScoreStream",
+        )
 
 
 def items_from(entries: Iterable[ScoreItem | ImageInput]) -> Iterable[ScoreItem]:

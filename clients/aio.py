@@ -94,10 +94,10 @@ class AsyncRewardClient(ChannelOwner):
         response = await self._call("Score", self._score, batch, timeout)
         return BatchResult(order_results(batch.items, response.results))
 
-    def open_stream(self, timeout: float | None = None) -> AsyncScoreStream:
-        return AsyncScoreStream(
-            self._score_stream, self.target.metadata, self.stream_timeout if timeout is None else timeout
-        )
+    def open_stream(self, progress_timeout: float | None = None) -> AsyncScoreStream:
+        """Open a ScoreStream, as ``RewardClient.open_stream``: no deadline, a progress timeout."""
+        timeout = self.progress_timeout if progress_timeout is None else progress_timeout
+        return AsyncScoreStream(self._score_stream, self.target.metadata, timeout)
 
     async def _call(self, method: str, stub_method: Any, request: Any, timeout: float | None) -> Any:
         try:
@@ -112,10 +112,13 @@ class AsyncScoreStream:
     """One bidirectional ScoreStream. ``send`` does not wait for results; ``results`` yields them as they come."""
 
     def __init__(
-        self, method: grpc.aio.StreamStreamMultiCallable, metadata: tuple[tuple[str, str], ...], timeout: float
+        self,
+        method: grpc.aio.StreamStreamMultiCallable,
+        metadata: tuple[tuple[str, str], ...],
+        progress_timeout: float,
     ) -> None:
-        self._ledger = StreamLedger()
-        self._call = method(timeout=timeout, metadata=metadata)
+        self._ledger = StreamLedger(progress_timeout)
+        self._call = method(metadata=metadata)
 
     async def __aenter__(self) -> AsyncScoreStream:
         return self
@@ -137,10 +140,17 @@ class AsyncScoreStream:
     ) -> list[str]:
         """Send a batch for ``reward`` and return its item ids (default: "0", "1", ... over the stream)."""
         request, sent_ids = self._ledger.request(reward, images, prompts, metadata, ids, encoding)
-        try:
-            await self._call.write(request)
+        try:  # flow control makes a write wait while the server takes no data: not forever
+            await asyncio.wait_for(self._call.write(request), self._ledger.progress_timeout)
         except grpc.aio.AioRpcError as error:
             raise RewardServiceError.from_rpc_error(error, "ScoreStream") from None
+        except TimeoutError:
+            self._call.cancel()
+            raise RewardServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the server took no data for {self._ledger.progress_timeout:g}s",
+                "ScoreStream",
+            ) from None
         return sent_ids
 
     async def close(self) -> None:
@@ -150,15 +160,33 @@ class AsyncScoreStream:
             await self._call.done_writing()
 
     async def results(self) -> AsyncIterator[ItemResult]:
-        """Yield each sent item's result once, as it arrives; ends after ``close`` when all are answered."""
-        while not self._ledger.done:
-            try:
-                response = await self._call.read()
-            except grpc.aio.AioRpcError as error:
-                raise RewardServiceError.from_rpc_error(error, "ScoreStream") from None
-            if response is grpc.aio.EOF:  # after close(); a reader that started early may have had every answer
-                break
-            for result in response.results:
-                yield self._ledger.answer(result)
+        """Yield each sent item's result once, as it arrives; ends after ``close`` when all are answered.
+
+        Raises as ``ScoreStream.results`` does: UNAVAILABLE, or DEADLINE_EXCEEDED after ``progress_timeout``.
+        """
+        read: asyncio.Future[Any] | None = (
+            None  # one read in flight, kept across waits (cancelling it would end the call)
+        )
+        try:
+            while not self._ledger.done:
+                read = read or asyncio.ensure_future(self._call.read())
+                finished, _ = await asyncio.wait({read}, timeout=self._ledger.wait_time())
+                if not finished:
+                    if (stalled := self._ledger.stalled()) is not None:
+                        self._call.cancel()
+                        raise stalled
+                    continue
+                try:
+                    response = read.result()
+                except grpc.aio.AioRpcError as error:
+                    raise RewardServiceError.from_rpc_error(error, "ScoreStream") from None
+                read = None
+                if response is grpc.aio.EOF:  # after close(); a reader that started early may have had every answer
+                    break
+                for result in response.results:
+                    yield self._ledger.answer(result)
+        finally:
+            if read is not None and not read.done():
+                read.cancel()
         if not self._ledger.done:  # the server closed the stream before answering everything
             raise self._ledger.unanswered_error()

@@ -100,18 +100,21 @@ class RewardClient(ChannelOwner):
         response = self._call("Score", self._score, batch, timeout)
         return BatchResult(order_results(batch.items, response.results))
 
-    def open_stream(self, timeout: float | None = None) -> ScoreStream:
-        """Open a ScoreStream: send batches as they are produced, read results as they come."""
-        return ScoreStream(
-            self._score_stream, self.target.metadata, self.stream_timeout if timeout is None else timeout
-        )
+    def open_stream(self, progress_timeout: float | None = None) -> ScoreStream:
+        """Open a ScoreStream: send batches as they are produced, read results as they come.
+
+        The stream has no deadline; ``results`` raises DEADLINE_EXCEEDED when items are outstanding and no answer has
+        come for ``progress_timeout`` seconds (default: the client's), and UNAVAILABLE when the connection breaks.
+        """
+        timeout = self.progress_timeout if progress_timeout is None else progress_timeout
+        return ScoreStream(self._score_stream, self.target.metadata, timeout)
 
     def score_stream(
         self,
         reward: str,
         items: Iterable[ScoreItem | ImageInput],
         encoding: Encoding = "raw",
-        timeout: float | None = None,
+        progress_timeout: float | None = None,
     ) -> Iterator[ItemResult]:
         """Send ``items`` one by one as the iterable yields them; yield results as they arrive (any order).
 
@@ -119,7 +122,7 @@ class RewardClient(ChannelOwner):
         error is raised.
         """
         failures: list[BaseException] = []
-        with self.open_stream(timeout) as stream:
+        with self.open_stream(progress_timeout) as stream:
 
             def send_all() -> None:
                 try:
@@ -151,13 +154,13 @@ class ScoreStream:
     """One bidirectional ScoreStream. ``send`` never waits for results; ``results`` yields them as they come."""
 
     def __init__(
-        self, method: grpc.StreamStreamMultiCallable, metadata: tuple[tuple[str, str], ...], timeout: float
+        self, method: grpc.StreamStreamMultiCallable, metadata: tuple[tuple[str, str], ...], progress_timeout: float
     ) -> None:
-        self._ledger = StreamLedger()
+        self._ledger = StreamLedger(progress_timeout)
         self._lock = threading.Lock()
         self._requests: queue.Queue[Any] = queue.Queue()
         self._answers: queue.Queue[Any] = queue.Queue()
-        self._call = method(iter(self._requests.get, _CLOSE), timeout=timeout, metadata=metadata)
+        self._call = method(iter(self._requests.get, _CLOSE), metadata=metadata)
         self._reader = threading.Thread(target=self._read, name="score-stream-reader", daemon=True)
         self._reader.start()
 
@@ -197,9 +200,19 @@ class ScoreStream:
         self._call.cancel()
 
     def results(self) -> Iterator[ItemResult]:
-        """Yield each sent item's result once, as it arrives; ends after ``close`` when all are answered."""
+        """Yield each sent item's result once, as it arrives; ends after ``close`` when all are answered.
+
+        RewardServiceError: the call failed (UNAVAILABLE when the server went away), it ended with items unanswered
+        (UNAVAILABLE), or items waited ``progress_timeout`` for an answer (DEADLINE_EXCEEDED; the call is cancelled).
+        """
         while not self._ledger.done:
-            answer = self._answers.get()
+            try:
+                answer = self._answers.get(timeout=self._ledger.wait_time())
+            except queue.Empty:
+                if (stalled := self._ledger.stalled()) is not None:
+                    self._call.cancel()
+                    raise stalled from None
+                continue
             if isinstance(answer, pb.ScoreResult):
                 yield self._ledger.answer(answer)
             elif isinstance(answer, grpc.RpcError):

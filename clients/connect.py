@@ -16,7 +16,7 @@ def open_client(
     server: str,
     *,
     timeout: float = 60.0,
-    stream_timeout: float = 3600.0,
+    progress_timeout: float = 600.0,
     tls: bool | None = None,
     root_certificates: str | Path | None = None,
     auth_token: str | None = None,
@@ -26,7 +26,7 @@ def open_client(
     return client_class(
         server,
         timeout=timeout,
-        stream_timeout=stream_timeout,
+        progress_timeout=progress_timeout,
         tls=tls,
         root_certificates=root_certificates,
         auth_token=auth_token,

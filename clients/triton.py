@@ -93,7 +93,7 @@ class TritonRewardClient:
         server: str,
         *,
         timeout: float = 60.0,
-        stream_timeout: float = 3600.0,
+        progress_timeout: float = 600.0,
         tls: bool | None = None,
         root_certificates: str | Path | None = None,
         auth_token: str | None = None,
@@ -102,7 +102,7 @@ class TritonRewardClient:
         PEM file) turn on TLS; ``auth_token`` is sent as ``authorization: Bearer <token>``."""
         self.address = triton_address(server)
         self.timeout = timeout
-        self.stream_timeout = stream_timeout
+        self.progress_timeout = progress_timeout
         self._headers = {"authorization": f"Bearer {auth_token}"} if auth_token else None
         use_tls = bool(tls) or root_certificates is not None
         self._client = _tritonclient().InferenceServerClient(
@@ -196,9 +196,12 @@ class TritonRewardClient:
         results = self._score_batch(batch, self.timeout if timeout is None else timeout)
         return BatchResult(order_results(batch.items, results))
 
-    def open_stream(self, timeout: float | None = None) -> TritonScoreStream:
-        """Send batches as they are produced (a few Triton requests in flight), read results as they come."""
-        return TritonScoreStream(self, self.stream_timeout if timeout is None else timeout)
+    def open_stream(self, progress_timeout: float | None = None) -> TritonScoreStream:
+        """Send batches as they are produced (a few Triton requests in flight), read results as they come.
+
+        Each request has ``progress_timeout`` (default: the client's) as its deadline, and ``results`` raises
+        DEADLINE_EXCEEDED when items are outstanding and no answer has come for that long."""
+        return TritonScoreStream(self, self.progress_timeout if progress_timeout is None else progress_timeout)
 
     def _score_batch(self, batch: WireBatch, timeout: float) -> list[pb.ScoreResult]:
         """One Triton request per image size; items Triton cannot take are answered here."""
@@ -266,10 +269,9 @@ class TritonScoreStream:
     """``ScoreStream``'s API over Triton: each ``send`` becomes requests run by a few threads; results come as
     each request is answered."""
 
-    def __init__(self, client: TritonRewardClient, timeout: float) -> None:
+    def __init__(self, client: TritonRewardClient, progress_timeout: float) -> None:
         self._client = client
-        self._deadline = time.monotonic() + timeout
-        self._ledger = StreamLedger()
+        self._ledger = StreamLedger(progress_timeout)
         self._lock = threading.Lock()
         self._answers: queue.Queue[list[pb.ScoreResult] | BaseException] = queue.Queue()
         self._pool = concurrent.futures.ThreadPoolExecutor(_STREAM_REQUESTS_IN_FLIGHT, "triton-stream")
@@ -304,10 +306,7 @@ class TritonScoreStream:
         try:
             if self._cancelled:
                 raise RewardServiceError(grpc.StatusCode.CANCELLED, "the stream was cancelled", "ScoreStream")
-            remaining = self._deadline - time.monotonic()
-            if remaining <= 0:
-                raise RewardServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the stream's deadline passed", "Infer")
-            self._answers.put(self._client._score_batch(batch, remaining))
+            self._answers.put(self._client._score_batch(batch, self._ledger.progress_timeout))
         except BaseException as error:  # handed to the reader in results()
             self._answers.put(error)
 
@@ -324,8 +323,11 @@ class TritonScoreStream:
         """Yield each sent item's result once, as its request is answered; ends after ``close`` when all are."""
         while not self._ledger.done:
             try:
-                answer = self._answers.get(timeout=0.1)
+                answer = self._answers.get(timeout=self._ledger.wait_time())
             except queue.Empty:
+                if (stalled := self._ledger.stalled()) is not None:
+                    self.cancel()
+                    raise stalled from None
                 continue
             if isinstance(answer, BaseException):
                 raise answer

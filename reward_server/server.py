@@ -31,6 +31,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from clients._wire import KEEPALIVE_TIME_MS
 from clients.errors import RewardServiceError
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
 from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
@@ -157,7 +158,12 @@ class RewardServer:
         server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            options=[("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)],
+            options=[
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_send_message_length", max_bytes),
+                # our clients ping open calls every KEEPALIVE_TIME_MS; gRPC's default would answer that with GOAWAY
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+            ],
         )
         pb_grpc.add_RewardServiceServicer_to_server(self._servicer, server)
         admin_token = _read_token(config.admin_token_file) if config.admin_token_file is not None else None

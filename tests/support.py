@@ -24,6 +24,7 @@ from reward_server.batching import BatchingConfig
 from reward_server.config import ServerConfig
 from reward_server.rewards import ImageSpec, ItemError, Metadata, Reward, RewardOutput, RewardSpec
 from reward_server.rewards.aesthetic import HEAD_FILE
+from reward_server.rewards.jpeg import JpegSize
 from reward_server.server import RewardServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +59,24 @@ class SlowReward(Reward):
         time.sleep(self.delay)
         self.batch_sizes.append(len(images))
         return RewardOutput(scores=mean_pixel(images))
+
+
+class DelayedJpeg(JpegSize):
+    """jpeg_compressibility (deterministic) that sleeps ``delay_s`` per batch first, like a model reward that costs as
+    much; with ``announce``, it prints "scoring N" to stdout as each batch of N starts (the fault tests count them)."""
+
+    def __init__(self, delay_s: float, announce: bool = False) -> None:
+        super().__init__("jpeg_compressibility", sign=-1)
+        self.delay_s = delay_s
+        self.announce = announce
+
+    def score(
+        self, images: Sequence[npt.NDArray[np.uint8]], prompts: Sequence[str | None], metadata: Sequence[Metadata]
+    ) -> RewardOutput:
+        if self.announce:
+            print(f"scoring {len(images)}", flush=True)
+        time.sleep(self.delay_s)
+        return super().score(images, prompts, metadata)
 
 
 class PromptLength(Reward):

@@ -239,3 +239,77 @@ def test_asyncio_reader_that_starts_before_close_ends_cleanly(
         return got
 
     assert len(asyncio.run(main())) == len(photo_batch)
+
+
+# A stream must end within this after its server dies: well under a bounded wait, whatever the reason.
+STREAM_DEATH_BOUND_S = 15.0
+
+
+def _slow_server() -> ServerProcess:
+    """tests/slow_server.py: its only reward, "slow", sleeps 2 s per batch before answering."""
+    return ServerProcess(module="tests.slow_server")
+
+
+def test_a_stream_whose_server_is_killed_before_its_first_answer_ends() -> None:
+    """gRPC used to retry the stream transparently, and then it blocked forever, cancel() included."""
+    with _slow_server() as server, RewardClient(server.address) as client, client.open_stream() as stream:
+        stream.send("slow", np.zeros((2, 8, 8, 3), np.uint8))
+        stream.close()
+        time.sleep(0.5)  # the batch is being scored: no answer yet
+        assert server.proc is not None
+        server.proc.kill()
+        started = time.monotonic()
+        with pytest.raises(RewardServiceError) as raised:
+            list(stream.results())
+        assert time.monotonic() - started < STREAM_DEATH_BOUND_S
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_an_asyncio_stream_whose_server_is_killed_before_its_first_answer_ends() -> None:
+    async def main(address: str, kill: object) -> RewardServiceError:
+        async with AsyncRewardClient(address) as client, client.open_stream() as stream:
+            await stream.send("slow", np.zeros((2, 8, 8, 3), np.uint8))
+            await stream.close()
+            await asyncio.sleep(0.5)
+            kill()  # type: ignore[operator]
+            with pytest.raises(RewardServiceError) as raised:
+                await asyncio.wait_for(_drain(stream), STREAM_DEATH_BOUND_S)
+            return raised.value
+
+    with _slow_server() as server:
+        assert server.proc is not None
+        error = asyncio.run(main(server.address, server.proc.kill))
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def _drain(stream: AsyncScoreStream) -> list[float]:
+    return [result.score async for result in stream.results()]
+
+
+def test_the_progress_timeout_counts_only_while_answers_are_owed(jpeg_server: ServerProcess) -> None:
+    """A producer slower than the progress timeout is fine; a server that owes answers for longer is not."""
+    with RewardClient(jpeg_server.address) as client, client.open_stream(progress_timeout=1.0) as stream:
+        for _ in range(3):
+            stream.send("jpeg_compressibility", np.zeros((1, 8, 8, 3), np.uint8))
+            time.sleep(1.5)  # sampling the next batch takes longer than the progress timeout
+        stream.close()
+        assert len(list(stream.results())) == 3
+    with _slow_server() as server, RewardClient(server.address) as client:
+        with client.open_stream(progress_timeout=0.5) as stream:  # the slow reward takes 2 s to answer
+            stream.send("slow", np.zeros((1, 8, 8, 3), np.uint8))
+            stream.close()
+            started = time.monotonic()
+            with pytest.raises(RewardServiceError, match=r"no answer for 0.5s with 1 item\(s\) outstanding") as raised:
+                list(stream.results())
+            assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - started < STREAM_DEATH_BOUND_S
+
+        async def asyncio_stall(address: str) -> None:
+            async with AsyncRewardClient(address) as aio_client, aio_client.open_stream(progress_timeout=0.5) as stream:
+                await stream.send("slow", np.zeros((1, 8, 8, 3), np.uint8))
+                await stream.close()
+                await _drain(stream)
+
+        with pytest.raises(RewardServiceError, match=r"no answer for 0\.5s") as raised:
+            asyncio.run(asyncio_stall(server.address))
+        assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -12,6 +12,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
+from reward_server.rewards.jpeg import JpegSize
 from tests.support import ServerThread, SlowReward, read_metrics, train_tiny
 from trainer.config import load_config
 from trainer.precision import NonFiniteError
@@ -34,8 +35,15 @@ def fresh_accelerate() -> Iterator[None]:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def make_trainer(tmp_path: Path, *overrides: str) -> Trainer:
-    return Trainer(load_config("tiny", [f"run_dir='{tmp_path}'", *QUIET, *overrides]))
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerThread]:
+    with ServerThread([JpegSize("jpeg_compressibility", sign=-1)]) as running:
+        yield running
+
+
+def make_trainer(server: ServerThread, tmp_path: Path, *overrides: str) -> Trainer:
+    address = f"reward.server='{server.address}'"
+    return Trainer(load_config("tiny", [f"run_dir='{tmp_path}'", address, *QUIET, *overrides]))
 
 
 def sample(trainer: Trainer, seed: int = 0) -> list[SampleBatch]:
@@ -52,16 +60,16 @@ def step_order(data: Epoch, steps: int = 10) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def float32_images(tmp_path_factory: pytest.TempPathFactory) -> npt.NDArray[np.uint8]:
+def float32_images(server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> npt.NDArray[np.uint8]:
     AcceleratorState._reset_state(reset_partial_state=True)
-    return sample(make_trainer(tmp_path_factory.mktemp("fp32")))[0].images
+    return sample(make_trainer(server, tmp_path_factory.mktemp("fp32")))[0].images
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_sampling_the_tiny_model_in_half_precision(
-    tmp_path: Path, precision: str, float32_images: npt.NDArray[np.uint8]
+    server: ServerThread, tmp_path: Path, precision: str, float32_images: npt.NDArray[np.uint8]
 ) -> None:
-    trainer = make_trainer(tmp_path, f"mixed_precision='{precision}'")
+    trainer = make_trainer(server, tmp_path, f"mixed_precision='{precision}'")
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     unet = trainer.accelerator.unwrap_model(trainer.unet)
     assert unet.conv_in.weight.dtype == trainer.pipeline.vae.dtype == half  # the policy runs in that dtype
@@ -78,8 +86,8 @@ def test_sampling_the_tiny_model_in_half_precision(
     assert worst <= trainer.config.train.ratio_tolerance  # the default 1e-4; bit-identical on this CPU
 
 
-def test_the_ratio_check_fails_on_nan(tmp_path: Path) -> None:
-    trainer = make_trainer(tmp_path, "train.ratio_check='warn'")
+def test_the_ratio_check_fails_on_nan(server: ServerThread, tmp_path: Path) -> None:
+    trainer = make_trainer(server, tmp_path, "train.ratio_check='warn'")
     data = epoch_data(trainer, sample(trainer))
     order = step_order(data)
     assert trainer.check_ratio(data, torch.arange(len(data)), order) == 0.0
@@ -91,9 +99,7 @@ def test_the_ratio_check_fails_on_nan(tmp_path: Path) -> None:
 def test_non_finite_samples_stop_the_run_and_never_reach_the_reward_service(tmp_path: Path) -> None:
     reward = SlowReward("counted", delay=0.0)
     with ServerThread([reward]) as server:
-        trainer = make_trainer(
-            tmp_path, "mixed_precision='fp16'", f"reward.server='{server.address}'", "reward.name='counted'"
-        )
+        trainer = make_trainer(server, tmp_path, "mixed_precision='fp16'", "reward.name='counted'")
         unet = trainer.accelerator.unwrap_model(trainer.unet)
         calls = []
 
@@ -112,8 +118,8 @@ def test_non_finite_samples_stop_the_run_and_never_reach_the_reward_service(tmp_
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_a_non_finite_loss_stops_the_run_before_the_step(tmp_path: Path) -> None:
-    trainer = make_trainer(tmp_path)
+def test_a_non_finite_loss_stops_the_run_before_the_step(server: ServerThread, tmp_path: Path) -> None:
+    trainer = make_trainer(server, tmp_path)
     data = epoch_data(trainer, sample(trainer))
     before = [p.detach().clone() for p in trainer.unet.parameters() if p.requires_grad]
     data.weights[3] = float("nan")
@@ -124,10 +130,12 @@ def test_a_non_finite_loss_stops_the_run_before_the_step(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_an_overflowing_gradient_stops_the_run_or_is_the_loss_scalers(tmp_path: Path, precision: str) -> None:
+def test_an_overflowing_gradient_stops_the_run_or_is_the_loss_scalers(
+    server: ServerThread, tmp_path: Path, precision: str
+) -> None:
     """bf16 has no loss scaler: an infinite gradient norm stops the run. fp16's scaler skips the step and halves its
     scale, as in any fp16 training; only once the scale is below 1 is the overflow the model's, and the run stops."""
-    trainer = make_trainer(tmp_path, f"mixed_precision='{precision}'")
+    trainer = make_trainer(server, tmp_path, f"mixed_precision='{precision}'")
     data = epoch_data(trainer, sample(trainer))
     lora = next(p for name, p in trainer.unet.named_parameters() if "lora_B" in name)
     lora.register_hook(lambda grad: torch.full_like(grad, float("inf")))
@@ -149,14 +157,13 @@ def test_an_overflowing_gradient_stops_the_run_or_is_the_loss_scalers(tmp_path: 
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_ddpo_train_in_half_precision_on_the_cpu(tmp_path: Path, precision: str) -> None:
-    with ServerThread([SlowReward("mean_pixel", delay=0.0)]) as server:
-        done = train_tiny(
-            server.address,
-            tmp_path,
-            *("--reward", "mean_pixel", "--epochs", "1", f"mixed_precision='{precision}'", *QUIET),
-            timeout=600,
-        )
+def test_ddpo_train_in_half_precision_on_the_cpu(server: ServerThread, tmp_path: Path, precision: str) -> None:
+    done = train_tiny(
+        server.address,
+        tmp_path,
+        *("--epochs", "1", "sample.num_steps=5", f"mixed_precision='{precision}'", *QUIET),
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     dtype = {"fp16": "float16", "bf16": "bfloat16"}[precision]
     assert f"(policy {dtype} on cpu, 1 process(es))" in done.stderr
@@ -169,10 +176,10 @@ def test_ddpo_train_in_half_precision_on_the_cpu(tmp_path: Path, precision: str)
     assert line["samples"] == 16
 
 
-def test_rwr_trains_on_the_guided_prediction(tmp_path: Path) -> None:
+def test_rwr_trains_on_the_guided_prediction(server: ServerThread, tmp_path: Path) -> None:
     """train.cfg (the default): the UNet sees the unconditional half, and a step on one high-weight sample lowers
     that sample's guided denoising error, i.e. raises its likelihood bound."""
-    trainer = make_trainer(tmp_path, "train.algorithm='rwr'")
+    trainer = make_trainer(server, tmp_path, "train.algorithm='rwr'")
     data = epoch_data(trainer, sample(trainer))
     unet = trainer.accelerator.unwrap_model(trainer.unet)
     seen: list[torch.Tensor] = []
@@ -202,16 +209,16 @@ def test_rwr_trains_on_the_guided_prediction(tmp_path: Path) -> None:
     assert error_of_the_first_sample() < before
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tmp_path: Path) -> None:
+def test_gradient_checkpointing_gives_the_same_gradients(server: ServerThread, tmp_path: Path) -> None:
     def gradients(trainer: Trainer, data: Epoch) -> list[torch.Tensor]:
         trainer.unet.train()
         indices = torch.arange(len(data))
         trainer.loss(data, indices, step_order(data)[:, 0])["loss"].backward()
         return [p.grad.clone() for p in trainer.unet.parameters() if p.requires_grad]
 
-    plain = make_trainer(tmp_path / "plain")
+    plain = make_trainer(server, tmp_path / "plain")
     data = epoch_data(plain, sample(plain))
-    checkpointed = make_trainer(tmp_path / "checkpointed", "train.gradient_checkpointing=true")
+    checkpointed = make_trainer(server, tmp_path / "checkpointed", "train.gradient_checkpointing=true")
     checkpointed.pipeline.scheduler.set_timesteps(10)  # as sampling leaves it
     assert checkpointed.accelerator.unwrap_model(checkpointed.unet).is_gradient_checkpointing
     expected, got = gradients(plain, data), gradients(checkpointed, data)
@@ -220,8 +227,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path: Path) -> None
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
 
 
-def test_vae_slicing_decodes_the_same_images(tmp_path: Path) -> None:
-    trainer = make_trainer(tmp_path, "sample.vae_slicing=true")
+def test_vae_slicing_decodes_the_same_images(server: ServerThread, tmp_path: Path) -> None:
+    trainer = make_trainer(server, tmp_path, "sample.vae_slicing=true")
     assert trainer.pipeline.vae.use_slicing
     latents = sample(trainer)[0].latents[:, -1]
     sliced = decode_images(trainer.pipeline, latents)

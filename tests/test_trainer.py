@@ -49,9 +49,11 @@ def server() -> Iterator[ServerThread]:
         yield running
 
 
-def run_tiny(run_dir: Path, address: str, *overrides: str, resume: str | None = None) -> list[dict[str, Any]]:
+def run_tiny(
+    run_dir: Path, address: str, *overrides: str, resume: str | None = None, overwrite: bool = False
+) -> list[dict[str, Any]]:
     config = load_config("tiny", [f"run_dir='{run_dir}'", f"reward.server='{address}'", *overrides])
-    Trainer(config, resume=resume).run()
+    Trainer(config, resume=resume, overwrite=overwrite).run()
     return read_metrics(run_dir)
 
 
@@ -110,7 +112,7 @@ def test_without_streaming_no_answer_arrives_before_sampling_ends(tmp_path: Path
     metrics = run_tiny(tmp_path, server.address, *FAST, "num_epochs=1", "reward.stream=false")
     assert metrics[0]["rewards_ready_frac"] == 0.0
     assert metrics[0]["samples"] == 16
-    again = run_tiny(tmp_path, server.address, *FAST, "num_epochs=1")  # a fresh run in a used folder starts clean
+    again = run_tiny(tmp_path, server.address, *FAST, "num_epochs=1", overwrite=True)  # starts over, clean
     assert [m["epoch"] for m in again] == [1]
 
 
@@ -133,13 +135,15 @@ def test_two_epochs_equal_one_then_resume_then_one_bitwise(tmp_path: Path, serve
 
 
 def test_resume_errors_are_clear(tmp_path: Path, server: ServerThread) -> None:
-    config = load_config("tiny", [f"run_dir='{tmp_path}'", *FAST])
+    config = load_config("tiny", [f"run_dir='{tmp_path}'", f"reward.server='{server.address}'", *FAST])
     with pytest.raises(ValueError, match="no checkpoint in"):
         Trainer(config, resume="latest")
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         Trainer(config, resume=str(tmp_path))
     run_tiny(tmp_path / "lora", server.address, *FAST, "num_epochs=1")
-    full = load_config("tiny", [f"run_dir='{tmp_path}'", "lora.enabled=false", *FAST])
+    full = load_config(
+        "tiny", [f"run_dir='{tmp_path}'", f"reward.server='{server.address}'", "lora.enabled=false", *FAST]
+    )
     with pytest.raises(ValueError, match="does not match this model's trainable parameters"):
         Trainer(full, resume=str(tmp_path / "lora" / "checkpoints" / "epoch_000001"))
 
@@ -281,7 +285,7 @@ def test_train_cli_errors(tmp_path: Path) -> None:
         "--config", "tiny", "--reward-server", "127.0.0.1:1", "--run-dir", str(tmp_path), "reward.timeout=2"
     )
     assert unreachable.returncode == 1
-    assert "ddpo train: reward service at 127.0.0.1:1" in unreachable.stderr
+    assert "ddpo train: cannot connect to the reward service at 127.0.0.1:1" in unreachable.stderr
 
 
 def test_image_grid_keeps_every_reward_readable() -> None:

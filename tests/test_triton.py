@@ -149,7 +149,7 @@ def test_triton_scores_equal_the_grpc_server_s(
 def test_a_stream_through_triton_answers_every_item(triton: TritonProcess, photo_batch: npt.NDArray[np.uint8]) -> None:
     with TritonRewardClient(triton.address) as client:
         expected = client.score("jpeg_incompressibility", photo_batch).scores
-        with client.open_stream(timeout=60) as stream:
+        with client.open_stream(progress_timeout=60) as stream:
             first = stream.send("jpeg_incompressibility", photo_batch[:2])
             second = stream.send("jpeg_incompressibility", photo_batch[2:])
             stream.close()

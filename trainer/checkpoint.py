@@ -184,3 +184,65 @@ def load_checkpoint(
         generator.set_state(rng[name])
     random_state.prompt_rng.bit_generator.state = json.loads(metadata["prompt_rng"])
     return state
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """What an epoch changes, copied in memory when the state is that after ``epoch`` finished epochs.
+
+    A run that stops in the middle of an epoch (a signal, a reward service that stays away) puts it back before it
+    checkpoints, so the checkpoint is exactly the state after the last finished epoch and the resumed run equals an
+    uninterrupted one. With full fine-tuning it holds the UNet and both Adam moments in host memory.
+    """
+
+    epoch: int
+    global_step: int
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    torch_rng: torch.Tensor
+    generators: dict[str, torch.Tensor]
+    prompt_rng: dict[str, Any]
+    stat_tracker: dict[str, Any]
+
+
+def _host_copy(value: Any) -> Any:
+    """A deep copy with every tensor copied to the CPU (never a view of the live tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _host_copy(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_host_copy(item) for item in value)
+    return value
+
+
+def take_snapshot(
+    epoch: int,
+    global_step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    random_state: ProcessRandomState,
+    stat_tracker: dict[str, Any],
+) -> Snapshot:
+    return Snapshot(
+        epoch=epoch,
+        global_step=global_step,
+        weights=_host_copy(trainable_state_dict(model)),
+        optimizer=_host_copy(optimizer.state_dict()),
+        torch_rng=torch.get_rng_state(),
+        generators={name: gen.get_state() for name, gen in random_state.generators.items()},
+        prompt_rng=_host_copy(dict(random_state.prompt_rng.bit_generator.state)),
+        stat_tracker=_host_copy(stat_tracker),
+    )
+
+
+def restore_snapshot(
+    snapshot: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer, random_state: ProcessRandomState
+) -> None:
+    """Put the model, optimizer and random state back as ``snapshot`` found them (the rest is the caller's)."""
+    model.load_state_dict(snapshot.weights, strict=False)
+    optimizer.load_state_dict(_host_copy(snapshot.optimizer))
+    torch.set_rng_state(snapshot.torch_rng)
+    for name, generator in random_state.generators.items():
+        generator.set_state(snapshot.generators[name])
+    random_state.prompt_rng.bit_generator.state = snapshot.prompt_rng

@@ -8,6 +8,7 @@ loads a preset (or a file path) and applies ``key=value`` overrides; values are 
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -105,20 +106,44 @@ class LoraConfig:
 @dataclasses.dataclass
 class RewardConfig:
     server: str = "127.0.0.1:50051"
-    """Reward service address: host:port, grpc://host:port or grpcs://host:port."""
+    """Reward service address: host:port, grpc://host:port, grpcs://host:port or triton://host:port."""
     name: str = "jpeg_compressibility"
     """The reward to maximise, as the service lists it (``ddpo score --list``)."""
     timeout: float = 600.0
-    """Deadline in seconds for each epoch's reward stream."""
+    """Progress timeout in seconds: the stream counts as broken when items are outstanding and no answer has come for
+    this long (slow sampling never trips it). Also how long start-up waits for a reward that is still loading."""
+    outage_timeout: float = 900.0
+    """How long the service may stay away in the middle of a run, while the trainer reconnects with backoff and
+    re-sends the unanswered items; then the run checkpoints its finished epochs and stops."""
     stream: bool = True
     """Send each batch to the service as soon as it is decoded, so scoring overlaps sampling. False holds them until
     sampling ends (the baseline that bench/epoch.py measures against)."""
     on_error: Literal["fail", "drop"] = "fail"
     """A failed item fails the epoch with the reward's message (fail) or is left out and counted (drop)."""
-    token: str | None = None
-    """Bearer token, if the service requires one."""
+    token_file: str | None = None
+    """File holding the bearer token the service requires (``ddpo train --auth-token-file``). The token itself is
+    never part of the config, so it never reaches the run's files."""
+    token_env: str | None = None
+    """Name of an environment variable holding that token (instead of token_file)."""
     ca_file: str | None = None
     """PEM file of the CA that signed the service's certificate (grpcs://)."""
+
+    def read_token(self) -> str | None:
+        """The bearer token from token_file or token_env; ConfigError if it is missing or empty."""
+        if self.token_file is not None:
+            try:
+                token = Path(self.token_file).read_text(encoding="utf-8").strip()
+            except OSError as error:
+                raise ConfigError(f"reward.token_file: {error}") from None
+            source = f"reward.token_file {self.token_file!r}"
+        elif self.token_env is not None:
+            token = os.environ.get(self.token_env, "").strip()
+            source = f"reward.token_env: the environment variable {self.token_env}"
+        else:
+            return None
+        if not token:
+            raise ConfigError(f"{source} is empty; it must hold the bearer token")
+        return token
 
 
 @dataclasses.dataclass
@@ -360,6 +385,7 @@ def validate(config: Config) -> None:
         "lora.rank": config.lora.rank,
         "lora.alpha": config.lora.alpha,
         "reward.timeout": config.reward.timeout,
+        "reward.outage_timeout": config.reward.outage_timeout,
         "stat_tracking.buffer_size": config.stat_tracking.buffer_size,
         "stat_tracking.min_count": config.stat_tracking.min_count,
         "eval.samples_per_prompt": config.eval.samples_per_prompt,
@@ -403,6 +429,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.sparse_percentile must be in [0, 100], got {train.sparse_percentile}")
     if train.kl_coef < 0:
         raise ConfigError(f"train.kl_coef must be >= 0, got {train.kl_coef}")
+    if config.reward.token_file is not None and config.reward.token_env is not None:
+        raise ConfigError("set one of reward.token_file and reward.token_env, not both")
     if config.keep_checkpoints < 0 or config.log.images_every < 0 or config.eval.every < 0:
         raise ConfigError("keep_checkpoints, log.images_every and eval.every must be >= 0")
     for key, prompt_set, file in (

@@ -29,10 +29,20 @@ from clients import AnyRewardClient
 from clients.evaluation import now, write_evaluation
 from trainer import advantages as adv
 from trainer import losses
-from trainer.checkpoint import ProcessRandomState, TrainingState, load_checkpoint, resolve_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    ProcessRandomState,
+    Snapshot,
+    TrainingState,
+    load_checkpoint,
+    resolve_checkpoint,
+    restore_snapshot,
+    save_checkpoint,
+    take_snapshot,
+)
 from trainer.config import Config, to_dict
 from trainer.ddim import DDIMStepOutput
 from trainer.distributed import (
+    ProcessFailedError,
     any_process,
     check_same_weights,
     fail_together,
@@ -42,6 +52,7 @@ from trainer.distributed import (
 )
 from trainer.evaluate import EvalResult, evaluation_prompts
 from trainer.export import export_final
+from trainer.lifecycle import GracefulStop, StopRequested, claim_run_dir
 from trainer.precision import ADVICE, NonFiniteError, dtype_name, make_accelerator, policy_dtype
 from trainer.prompts import PromptSampler, load_prompts
 from trainer.rewards import EpochRewards, RewardError, connect
@@ -90,13 +101,37 @@ class Epoch:
         return len(self.prompts)
 
 
+# What stops a run after it has started: the trainer checkpoints the last finished epoch, then lets it propagate.
+STOPS = (StopRequested, RewardError, NonFiniteError, RatioCheckError, ProcessFailedError)
+
+
 class Trainer:
-    def __init__(self, config: Config, resume: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        resume: str | None = None,
+        overwrite: bool = False,
+        client: AnyRewardClient | None = None,
+    ) -> None:
+        """Check the run folder and the reward service (within seconds, before the model loads; ``client``: one
+        ``trainer.rewards.connect`` made already), then load the policy and, with ``resume``, a checkpoint.
+        ``overwrite`` deletes a previous run in the folder. The trainer closes the client."""
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.accelerator = make_accelerator(config.mixed_precision, str(self.run_dir))
         self.dtype = policy_dtype(config.mixed_precision)  # frozen weights and the UNet's arithmetic
         self.device = self.accelerator.device
+        claim_run_dir(self.accelerator, self.run_dir, resume, overwrite)
+        r = config.reward
+        self.client = client or connect(r.server, r.name, r.read_token(), r.ca_file, r.timeout)
+        try:
+            self._set_up(resume)
+        except BaseException:
+            self.client.close()
+            raise
+
+    def _set_up(self, resume: str | None) -> None:
+        config = self.config
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         process_seed = config.seed + self.accelerator.process_index
@@ -129,6 +164,8 @@ class Trainer:
 
         self.stat_tracker = adv.PerPromptStatTracker(config.stat_tracking.buffer_size, config.stat_tracking.min_count)
         self.start_epoch, self.global_step = 0, 0
+        self.stop = GracefulStop()
+        self._unsaved: Snapshot | None = None  # the last finished epoch, when no checkpoint holds it
         if resume:
             self._resume(resolve_checkpoint(resume, self.run_dir))
 
@@ -198,10 +235,15 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> Path:
+        """Train to ``config.num_epochs``; returns the folder with the final LoRA (or UNet).
+
+        A stop after start-up (SIGINT/SIGTERM, a reward service that stays away, a reward error, a non-finite value,
+        a failed ratio check) first puts back the state of the last finished epoch and checkpoints it, so that
+        ``--resume latest`` continues as if the run had not stopped; then the error propagates.
+        """
         config = self.config
         main = self.accelerator.is_main_process
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        samples = config.samples_per_epoch(self.accelerator.num_processes)
         logger.info(
             "%s on %s (policy %s on %s, %d process(es)), reward %r from %s: %d samples/epoch, %d optimizer "
             "steps/epoch, %d of %d steps trained, epochs %d..%d",
@@ -212,15 +254,12 @@ class Trainer:
             self.accelerator.num_processes,
             config.reward.name,
             config.reward.server,
-            samples,
+            config.samples_per_epoch(self.accelerator.num_processes),
             config.optimizer_steps_per_epoch(),
             config.train_timesteps(),
             config.sample.num_steps,
             self.start_epoch + 1,
             config.num_epochs,
-        )
-        client = connect(
-            config.reward.server, config.reward.name, config.reward.token, config.reward.ca_file, config.reward.timeout
         )
         # logs, images, evaluations and plots are written once, by the main process
         run_logger = None
@@ -234,43 +273,15 @@ class Trainer:
                 self.start_epoch,
             )
         try:
-            if self.eval_prompts and self.start_epoch == 0:
-                self.run_eval(0, client, run_logger)
-            epochs = tqdm(
-                range(self.start_epoch, config.num_epochs),
-                desc="DDPO",
-                unit="epoch",
-                initial=self.start_epoch,
-                total=config.num_epochs,
-                disable=not self.accelerator.is_local_main_process,
-            )
-            for epoch in epochs:
-                metrics = self.run_epoch(epoch, client, run_logger)
-                if run_logger is not None:
-                    run_logger.log_epoch(metrics)
-                epochs.set_postfix(reward=f"{metrics['reward_mean']:.4g}")
-                logger.info(
-                    "epoch %d: %s %.4f ± %.4f over %d samples (sampling %.1fs, reward wait %.2fs, training %.1fs)",
-                    metrics["epoch"],
-                    config.reward.name,
-                    metrics["reward_mean"],
-                    metrics["reward_std"],
-                    metrics["samples"],
-                    metrics["sample_s"],
-                    metrics["reward_wait_s"],
-                    metrics["train_s"],
-                )
-                done = epoch + 1
-                if done % config.save_every == 0 or done == config.num_epochs:
-                    self.save(done)
-                if self.eval_prompts and (
-                    done == config.num_epochs or (config.eval.every and done % config.eval.every == 0)
-                ):
-                    self.run_eval(done, client, run_logger)
+            with self.stop:
+                self._train(run_logger)
+        except STOPS:
+            self._checkpoint_last_finished_epoch()
+            raise
         finally:
             if run_logger is not None:
                 run_logger.close()
-            client.close()
+            self.client.close()
         final = self.run_dir / "final"
         if main:
             logger.info("reward curve: %s", plot_rewards(self.run_dir, config.reward.name))
@@ -280,19 +291,77 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return final
 
-    def run_eval(self, epoch: int, client: AnyRewardClient, run_logger: RunLogger | None) -> None:
+    def _train(self, run_logger: RunLogger | None) -> None:
+        config = self.config
+        self._finished(self.start_epoch, saved=self.start_epoch > 0)  # a resumed run starts from a checkpoint
+        if self.eval_prompts and self.start_epoch == 0:
+            self.run_eval(0, run_logger)
+        epochs = tqdm(
+            range(self.start_epoch, config.num_epochs),
+            desc="DDPO",
+            unit="epoch",
+            initial=self.start_epoch,
+            total=config.num_epochs,
+            disable=not self.accelerator.is_local_main_process,
+        )
+        for epoch in epochs:
+            metrics = self.run_epoch(epoch, run_logger)
+            if run_logger is not None:
+                run_logger.log_epoch(metrics)
+            epochs.set_postfix(reward=f"{metrics['reward_mean']:.4g}")
+            logger.info(
+                "epoch %d: %s %.4f ± %.4f over %d samples (sampling %.1fs, reward wait %.2fs, training %.1fs)",
+                metrics["epoch"],
+                config.reward.name,
+                metrics["reward_mean"],
+                metrics["reward_std"],
+                metrics["samples"],
+                metrics["sample_s"],
+                metrics["reward_wait_s"],
+                metrics["train_s"],
+            )
+            done = epoch + 1
+            saved = done % config.save_every == 0 or done == config.num_epochs
+            if saved:
+                self.save(done)
+            self._finished(done, saved)
+            if self.eval_prompts and (
+                done == config.num_epochs or (config.eval.every and done % config.eval.every == 0)
+            ):
+                self.run_eval(done, run_logger)
+
+    def _finished(self, epoch: int, saved: bool) -> None:
+        """``epoch`` epochs are done: remember their state in memory unless a checkpoint holds it."""
+        self._unsaved = None
+        if not saved:
+            unet = self.accelerator.unwrap_model(self.unet)
+            state = self.stat_tracker.state_dict()
+            self._unsaved = take_snapshot(epoch, self.global_step, unet, self.optimizer, self._random_state(), state)
+
+    def _checkpoint_last_finished_epoch(self) -> None:
+        """Put back the state of the last finished epoch and checkpoint it (on every process, as they all stop)."""
+        snapshot = self._unsaved
+        if snapshot is None:
+            return
+        restore_snapshot(snapshot, self.accelerator.unwrap_model(self.unet), self.optimizer, self._random_state())
+        self.global_step = snapshot.global_step
+        self.stat_tracker.load_state_dict(snapshot.stat_tracker)
+        self.save(snapshot.epoch)
+        self._unsaved = None
+
+    def run_eval(self, epoch: int, run_logger: RunLogger | None) -> None:
         """Score the held-out prompts with fixed noise (``trainer.evaluate``), on the main process only."""
         with failing_together(self.accelerator):
             if run_logger is not None:
-                self._evaluate(epoch, client, run_logger)
+                self._evaluate(epoch, run_logger)
 
-    def _evaluate(self, epoch: int, client: AnyRewardClient, run_logger: RunLogger) -> None:
+    def _evaluate(self, epoch: int, run_logger: RunLogger) -> None:
         self.unet.eval()
         size, r = self.config.sample.batch_size, self.config.reward
         prompt_batches = [self.eval_prompts[i : i + size] for i in range(0, len(self.eval_prompts), size)]
         generator = torch.Generator().manual_seed(self.config.eval.seed)  # the same noise at every evaluation
         what = f"the held-out evaluation at epoch {epoch}"
-        rewards = EpochRewards(client, r.name, r.timeout, r.on_error, what)
+        rewards = EpochRewards(self.client, r.name, r.timeout, r.outage_timeout, r.on_error, what)
         batches = rewards.stream(self.sample(prompt_batches, generator, what))
         images = np.concatenate([batch.images for batch in batches])
         scores = rewards.collect()
@@ -363,24 +432,28 @@ class Trainer:
                 ) from None
             yield batch
 
-    def run_epoch(self, epoch: int, client: AnyRewardClient, run_logger: RunLogger | None) -> dict[str, Any]:
+    def _prompt_batches(self, epoch: int) -> Iterator[list[str]]:
+        """The epoch's sampling batches of prompts; before each, a safe point to stop at."""
+        config = self.config
+        for _ in tqdm(
+            range(config.sample.num_batches_per_epoch),
+            desc=f"epoch {epoch + 1}/{config.num_epochs}: sampling",
+            disable=not self.accelerator.is_local_main_process,
+            leave=False,
+        ):
+            self.stop.check(self.accelerator)
+            yield self.prompts.sample(config.sample.batch_size, config.sample.images_per_prompt)
+
+    def run_epoch(self, epoch: int, run_logger: RunLogger | None) -> dict[str, Any]:
         config = self.config
         #################### SAMPLING (rewards stream to the service meanwhile) ####################
         started = time.perf_counter()
         self.unet.eval()
         r = config.reward
         what = f"epoch {epoch + 1}"
-        prompt_batches = (
-            self.prompts.sample(config.sample.batch_size, config.sample.images_per_prompt)
-            for _ in tqdm(
-                range(config.sample.num_batches_per_epoch),
-                desc=f"epoch {epoch + 1}/{config.num_epochs}: sampling",
-                disable=not self.accelerator.is_local_main_process,
-                leave=False,
-            )
-        )
         with failing_together(self.accelerator):
-            rewards = EpochRewards(client, r.name, r.timeout, r.on_error, what, r.stream)
+            rewards = EpochRewards(self.client, r.name, r.timeout, r.outage_timeout, r.on_error, what, r.stream)
+            prompt_batches = self._prompt_batches(epoch)
             batches = rewards.stream(self.sample(prompt_batches, self.generators["sampling"], what))
             sample_s = time.perf_counter() - started
 
@@ -409,6 +482,8 @@ class Trainer:
             "sample_s": sample_s,
             "reward_wait_s": scores.wait_s,
             "rewards_ready_frac": scores.ready_frac,
+            "reward_reconnects": scores.reconnects,
+            "reward_resent": scores.resent,
             "train_s": train_s,
             **self.stat_tracker.stats(),
             "policy_dtype": dtype_name(self.dtype),
@@ -494,6 +569,7 @@ class Trainer:
             ):
                 terms = self.optimizer_step(data, group, step_order, epoch)
                 skipped += int(self.accelerator.optimizer_step_was_skipped)
+                self.stop.check(self.accelerator)
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + value
                     counts[key] = counts.get(key, 0) + 1
@@ -651,6 +727,8 @@ class Trainer:
         return path
 
 
-def train(config: Config, resume: str | None = None) -> Path:
+def train(
+    config: Config, resume: str | None = None, overwrite: bool = False, client: AnyRewardClient | None = None
+) -> Path:
     """Run DDPO to ``config.num_epochs``; returns the folder with the final LoRA (or UNet)."""
-    return Trainer(config, resume).run()
+    return Trainer(config, resume, overwrite, client).run()
