@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,9 +27,7 @@ QUICK = ["log.tensorboard=false", "save_every=1", "eval.samples_per_prompt=1"]
 TWO_CPU_PROCESSES = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
 
-def launch(
-    launcher: str, address: str, run_dir: Path, *args: str, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:
+def launch_command(launcher: str, address: str, run_dir: Path, *args: str) -> list[str]:
     """`ddpo train --config tiny` as two processes, with ``launcher`` (accelerate or torchrun)."""
     port = str(free_port())
     if launcher == "accelerate":
@@ -35,7 +35,13 @@ def launch(
     else:
         start = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     trainer = ["-m", "trainer", "--config", "tiny", "--reward-server", address, "--run-dir", str(run_dir), *args]
-    command = [sys.executable, "-m", *start, *trainer]
+    return [sys.executable, "-m", *start, *trainer]
+
+
+def launch(
+    launcher: str, address: str, run_dir: Path, *args: str, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    command = launch_command(launcher, address, run_dir, *args)
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=TWO_CPU_PROCESSES)
 
 
@@ -126,3 +132,37 @@ def test_a_reward_error_on_one_process_stops_both(tmp_path: Path) -> None:
     assert re.search(f"ddpo train: {message}", done.stderr)  # process 1, in its own words
     assert re.search(f"ddpo train: process 1 of 2 failed: RewardError: {message}", done.stderr)  # process 0
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no epoch was trained
+
+
+def test_ctrl_c_stops_both_processes_at_a_safe_point_with_a_checkpoint(
+    jpeg_server: ServerProcess, tmp_path: Path
+) -> None:
+    """A terminal's Ctrl-C reaches the launcher and both processes (one process group); the launcher forwards it."""
+    command = launch_command(
+        "accelerate", jpeg_server.address, tmp_path, "--epochs", "3", "eval.enabled=false", "log.tensorboard=false"
+    )
+    launched = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=TWO_CPU_PROCESSES,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)  # epoch 1 is done
+        time.sleep(0.5)
+        os.killpg(launched.pid, signal.SIGINT)
+        _, stderr = launched.communicate(timeout=120)
+    finally:
+        launched.kill()
+    assert launched.returncode == 130, stderr[-4000:]
+    assert stderr.count("ddpo train: stopped by SIGINT") == 2  # each process, at the same safe point
+    assert "Traceback" not in stderr
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch_000001"]
+    first, second = digests(tmp_path / "checkpoints" / "epoch_000001")
+    assert first == second
+    assert [m["epoch"] for m in read_metrics(tmp_path)] == [1]

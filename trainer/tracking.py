@@ -55,8 +55,8 @@ def _shorten(caption: str, max_chars: int) -> str:
 class RunLogger:
     """Writes each epoch's metrics to every configured sink; ``close`` flushes them.
 
-    Lines of metrics.jsonl and eval.jsonl from after ``start_epoch`` are dropped first: a fresh run (0) in a used
-    folder starts clean, and a run resumed from an earlier checkpoint does not repeat epochs.
+    Lines of metrics.jsonl and eval.jsonl (and TensorBoard events) from after ``start_epoch`` are dropped first, so
+    that a run resumed from an earlier checkpoint does not repeat epochs.
     """
 
     def __init__(
@@ -75,7 +75,9 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # a resumed run drops the events of epochs after its checkpoint (those of an epoch cut short included)
+            purge_step = start_epoch + 1 if start_epoch else None
+            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
             self._tensorboard.add_text("config", f"```\n{json.dumps(config, indent=1)}\n```")
         if wandb:
             try:
