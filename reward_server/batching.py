@@ -95,6 +95,11 @@ class RewardWorker:
     def spec(self) -> RewardSpec:
         return self.reward.spec
 
+    @property
+    def capacity(self) -> int:
+        """The most items ever queued at once (max_queued_items)."""
+        return self.config.max_queued_items
+
     def start(self) -> None:
         self._batcher = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
 

@@ -18,6 +18,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import grpc
+
 from reward_server.batching import ItemOutcome, QueueFull, RewardWorker
 from reward_server.rewards import ImageSpec, ItemError, RewardSpec
 from reward_server.wire import DecodedItem
@@ -89,7 +91,13 @@ class CompositeScorer:
         """``workers`` holds at least every component; ValueError from ``composite_spec``."""
         self.name = name
         self.spec = composite_spec(name, weights, {component: workers[component].spec for component in weights})
+        self._weights = dict(weights)
         self._parts = [_Part(component, weight, workers[component]) for component, weight in weights.items()]
+
+    @property
+    def capacity(self) -> int:
+        """The most items ever queued at once: every item waits on every component."""
+        return min(part.worker.capacity for part in self._parts)
 
     async def submit(self, items: list[DecodedItem]) -> list[asyncio.Future[ItemOutcome]]:
         """Queue ``items`` on every component (waiting for room); one future per item for the total."""
@@ -127,5 +135,16 @@ class CompositeScorer:
         for part, outcome in zip(self._parts, outcomes, strict=True):
             components |= {f"{part.name}.{key}": value for key, value in outcome.components.items()}
             info |= {f"{part.name}.{key}": value for key, value in outcome.info.items()}
-        total = math.fsum(part.weight * outcome.score for part, outcome in zip(self._parts, outcomes, strict=True))
+        try:
+            total = math.fsum(part.weight * outcome.score for part, outcome in zip(self._parts, outcomes, strict=True))
+        except (OverflowError, ValueError):  # ValueError: inf - inf
+            total = math.nan
+        if not math.isfinite(total):
+            return ItemOutcome(
+                ItemError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"weights: the weighted sum of {self.name!r} overflows ({composite_description(self._weights)}); "
+                    "use smaller weights",
+                )
+            )
         return ItemOutcome(None, score=total, components=components, info=info)

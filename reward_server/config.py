@@ -86,6 +86,15 @@ class ServerConfig:
     """File holding the token RewardAdmin calls must send (``authorization: Bearer <token>``); None disables them."""
     endpoints_file: Path | None = None
     """JSON file where endpoints registered at runtime are saved, and read back at startup."""
+    max_image_pixels: int | None = None
+    """Largest encoded image, in pixels, read from its header before it is decoded; None: the largest image any
+    served reward accepts (its max_image_size)."""
+    max_request_decoded_mb: int = 512
+    """Largest total size of the decoded images of one Score call or stream message; items beyond it get
+    INVALID_ARGUMENT. Counted at 4 bytes a pixel for encoded images (RGBA, their largest), H×W×C for raw ones."""
+    max_decoded_mb_in_flight: int = 2048
+    """Decoded images the server holds across all calls while they wait to be scored; beyond it, decoding waits
+    (back-pressure on the stream or call that brought them)."""
     health_interval_s: float = 5.0
     """How often the health of remote endpoints is checked and mirrored in this server's health service."""
     plugins: tuple[str, ...] = ()
@@ -101,6 +110,13 @@ class ServerConfig:
             raise ConfigError(f"max_message_mb must be >= 4, got {self.max_message_mb}")
         if self.max_concurrent_rpcs < 1:
             raise ConfigError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ConfigError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        if not 1 <= self.max_request_decoded_mb <= self.max_decoded_mb_in_flight:
+            raise ConfigError(
+                f"max_request_decoded_mb ({self.max_request_decoded_mb}) must be >= 1 and at most "
+                f"max_decoded_mb_in_flight ({self.max_decoded_mb_in_flight})"
+            )
         if not 0.1 <= self.health_interval_s <= 3600:
             raise ConfigError(f"health_interval_s must be in [0.1, 3600], got {self.health_interval_s}")
         if (self.tls_cert is None) != (self.tls_key is None):

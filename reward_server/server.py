@@ -50,9 +50,17 @@ from reward_server.config import (
 )
 from reward_server.metrics import ServerMetrics
 from reward_server.plugins import PluginError, check_name
+from reward_server.ports import check_free
 from reward_server.rewards import Reward, RewardSpec, build_reward
 from reward_server.rewards.remote import REMOTE, RemoteReward
-from reward_server.service import LOADING, RewardServicer, Scorer, bearer_token_problem, reward_health_name
+from reward_server.service import (
+    LOADING,
+    DecodeLimits,
+    RewardServicer,
+    Scorer,
+    bearer_token_problem,
+    reward_health_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +143,12 @@ class RewardServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
-        self._servicer = RewardServicer(self.scorers, self.specs, self.unavailable, self.metrics)
+        limits = DecodeLimits(
+            max_image_pixels=config.max_image_pixels,
+            max_request_bytes=config.max_request_decoded_mb * MiB,
+            max_in_flight_bytes=config.max_decoded_mb_in_flight * MiB,
+        )
+        self._servicer = RewardServicer(self.scorers, self.specs, self.unavailable, self.metrics, limits)
         self._metrics_http: Any = None
         self._loading: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
@@ -163,22 +176,30 @@ class RewardServer:
                 ("grpc.max_send_message_length", max_bytes),
                 # our clients ping open calls every KEEPALIVE_TIME_MS; gRPC's default would answer that with GOAWAY
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+                ("grpc.so_reuseport", 0),  # a port in use is an error, not a port to share (reward_server.ports)
             ],
         )
-        pb_grpc.add_RewardServiceServicer_to_server(self._servicer, server)
+        server.add_generic_rpc_handlers((self._servicer.handler(),))
         admin_token = _read_token(config.admin_token_file) if config.admin_token_file is not None else None
         pb_grpc.add_RewardAdminServicer_to_server(RewardAdminServicer(self, admin_token), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, ADMIN_SERVICE_NAME, health_service, reflection.SERVICE_NAME), server
-        )
+        # RewardAdmin answers (PERMISSION_DENIED, naming the flag) but is not advertised unless it is enabled
+        advertised = (SERVICE_NAME, *((ADMIN_SERVICE_NAME,) if admin_token is not None else ()), health_service)
+        reflection.enable_server_reflection((*advertised, reflection.SERVICE_NAME), server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert is not None and config.tls_key is not None:
-            credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
-            self.port = server.add_secure_port(address, credentials)
-        else:
-            self.port = server.add_insecure_port(address)
+        check_free(config.host, config.port, "the gRPC port")
+        if config.metrics_port is not None:
+            check_free(config.host, config.metrics_port, "the metrics port")
+        try:
+            if config.tls_cert is not None and config.tls_key is not None:
+                key, cert = config.tls_key.read_bytes(), config.tls_cert.read_bytes()
+                self.port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:
+            check_free(config.host, config.port, "the gRPC port")  # says why, if it can tell
+            raise OSError(f"cannot bind the gRPC port {address}") from None
         if config.metrics_port is not None:
             self._metrics_http, _ = start_http_server(
                 config.metrics_port, addr=config.host, registry=self.metrics.registry
@@ -403,6 +424,7 @@ class RewardServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        self._servicer.close()
         log.info("stopped")
 
     async def wait_for_termination(self) -> None:

@@ -1,29 +1,48 @@
 """The ``ddpo.reward.v1.RewardService`` servicer: call-level checks, per-item validation, and hand-off to workers.
 
-Call-level errors (unknown reward in a unary call, server full) fail the RPC with a status; everything about one
-item (missing or duplicate id, bad image, missing prompt, unknown reward in a stream, reward failure) fails that item
-alone.
+Call-level errors (a body that does not parse, an unknown reward in a unary call, a call too large to ever queue,
+server full) fail the RPC with a status; everything about one item (missing or duplicate id, bad image, an image
+over a decoding budget, missing prompt, unknown reward in a stream, reward failure, and any unexpected error while
+checking it) fails that item alone, and the other items are answered.
+
+The event loop does no per-item work: request bodies arrive as bytes, and parsing, validation and decoding run in a
+thread pool, so that health checks and ListRewards answer at once while the server decodes at full load. Decoded
+bytes are bounded per image, per request and across the server (``reward_server.budget``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import hmac
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import NoReturn, Protocol
+from typing import NoReturn, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
-from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
 from reward_server.batching import ItemOutcome, QueueFull, RewardWorker
+from reward_server.budget import DecodeBudget, RateLimitedLog
 from reward_server.composite import CompositeScorer, check_weights
+from reward_server.config import MiB
 from reward_server.metrics import ServerMetrics
 from reward_server.rewards import ItemError, RewardSpec
-from reward_server.wire import DecodedItem, ItemInvalid, decode_item, error_result, ok_result, spec_to_proto
+from reward_server.wire import (
+    DecodedItem,
+    ItemInvalid,
+    decode_item,
+    decoded_bytes,
+    error_result,
+    ok_result,
+    quote,
+    spec_to_proto,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +50,28 @@ _RESULTS_PER_STREAM_MESSAGE = 256
 
 
 PER_REQUEST_COMPOSITE = "weights"  # how results of ScoreRequest.weights are named in messages and metrics
+UNKNOWN_REWARD_LABEL = "unknown"  # the metrics label of items naming a reward the server lacks: not their name
 LOADING = "is still loading"  # the state of a reward whose load has not finished; any other state is a failure
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
+MessageT = TypeVar("MessageT", bound=Message)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLimits:
+    """The decoding budgets (``reward_server.budget``); None pixels: the largest image any served reward takes."""
+
+    max_image_pixels: int | None = None
+    max_request_bytes: int = 512 * MiB
+    max_in_flight_bytes: int = 2048 * MiB
+
+
+@dataclasses.dataclass
+class _Checked:
+    """One call's or stream message's items after validation: decoded ones with the bytes they reserved, and
+    rejected ones with their error; each with its index in the message."""
+
+    valid: list[tuple[int, DecodedItem, int]] = dataclasses.field(default_factory=list)
+    rejected: list[tuple[int, str, ItemError]] = dataclasses.field(default_factory=list)
 
 
 class Scorer(Protocol):
@@ -41,6 +81,11 @@ class Scorer(Protocol):
 
     @property
     def spec(self) -> RewardSpec: ...
+
+    @property
+    def capacity(self) -> int:
+        """The most items it can ever hold queued at once."""
+        ...
 
     async def submit(self, items: list[DecodedItem]) -> list[asyncio.Future[ItemOutcome]]: ...
 
@@ -62,13 +107,14 @@ def reward_health_name(reward: str) -> str:
     return f"reward/{reward}"
 
 
-class RewardServicer(pb_grpc.RewardServiceServicer):
+class RewardServicer:
     def __init__(
         self,
         scorers: Mapping[str, Scorer],
         specs: Mapping[str, RewardSpec],
         unavailable: Mapping[str, str],
         metrics: ServerMetrics,
+        limits: DecodeLimits,
     ) -> None:
         """``scorers``: the rewards ready to score; ``specs``: every configured reward; ``unavailable``: why the
         others cannot score yet. The server updates all three as rewards load and endpoints come and go."""
@@ -76,10 +122,34 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         self._specs = specs
         self._unavailable = unavailable
         self._metrics = metrics
+        self._limits = limits
+        self._budget = DecodeBudget(limits.max_in_flight_bytes)
+        self._decoder = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
+        self._undecodable = RateLimitedLog(log, "undecodable request body")
+        self._unexpected = RateLimitedLog(log, "unexpected error while checking an item (a server bug)")
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = False
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's RPCs, taking request bodies as bytes: the servicer parses them off the event loop, and a
+        body that does not parse is its INVALID_ARGUMENT, not gRPC's UNKNOWN."""
+        handlers = {
+            "ListRewards": grpc.unary_unary_rpc_method_handler(
+                self.ListRewards, response_serializer=pb.ListRewardsResponse.SerializeToString
+            ),
+            "Score": grpc.unary_unary_rpc_method_handler(
+                self.Score, response_serializer=pb.ScoreResponse.SerializeToString
+            ),
+            "ScoreStream": grpc.stream_stream_rpc_method_handler(
+                self.ScoreStream, response_serializer=pb.ScoreStreamResponse.SerializeToString
+            ),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+    def close(self) -> None:
+        self._decoder.shutdown(wait=False, cancel_futures=True)
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new RPCs (UNAVAILABLE, which clients retry elsewhere) and wait for in-flight ones to finish.
@@ -95,43 +165,58 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
     # --- RPCs -------------------------------------------------------------------------------------------------
 
-    async def ListRewards(
-        self, request: pb.ListRewardsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListRewardsResponse:
+    async def ListRewards(self, body: bytes, context: grpc.aio.ServicerContext) -> pb.ListRewardsResponse:
         async with self._track("ListRewards", context):
+            self._parse(pb.ListRewardsRequest, body, "ListRewardsRequest", context)  # small: parsed on the loop
             return pb.ListRewardsResponse(
                 rewards=[spec_to_proto(self._specs[name]) for name in sorted(self._specs)],
                 load_errors={name: state for name, state in self._unavailable.items() if state != LOADING},
             )
 
-    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+    async def Score(self, body: bytes, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         async with self._track("Score", context):
             started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            request = await loop.run_in_executor(
+                self._decoder, self._parse, pb.ScoreRequest, body, "ScoreRequest", context
+            )
             worker = self._scorer(request.reward, request.weights)
             if isinstance(worker, ItemError):
                 raise _CallFailed(worker.code, worker.message)
-            valid, rejected = _validate(request.items, "items", worker.spec, seen=set())
-            results = {index: self._answer(worker.name, item_id, error, started) for index, item_id, error in rejected}
+            if len(request.items) > worker.capacity:
+                raise _CallFailed(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{len(request.items)} items can never be queued at once for reward {quote(worker.name)}, which "
+                    f"holds at most {worker.capacity} (max_queued_items); send them in smaller calls, or use "
+                    "ScoreStream",
+                )
+            checked = await loop.run_in_executor(
+                self._decoder, self._check, request.items, "items", worker.spec, set(), context.time_remaining()
+            )
+            results = {i: self._answer(worker.name, item_id, error, started) for i, item_id, error in checked.rejected}
             try:
-                futures = await worker.submit_nowait([decoded for _, decoded in valid])
+                futures = await worker.submit_nowait([decoded for _, decoded, _ in checked.valid])
             except QueueFull as full:
+                for _, _, size in checked.valid:
+                    self._budget.release(size)
                 raise _CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(full)) from full
+            self._release_when_done(futures, checked)
             try:
                 outcomes = await asyncio.gather(*futures)
             finally:
                 for future in futures:
                     future.cancel()  # no-op once answered; drops queued work when the caller has gone
-            for (index, decoded), outcome in zip(valid, outcomes, strict=True):
+            for (index, decoded, _), outcome in zip(checked.valid, outcomes, strict=True):
                 results[index] = self._answer(worker.name, decoded.id, outcome, started)
             return pb.ScoreResponse(results=[results[index] for index in range(len(request.items))])
 
     async def ScoreStream(
-        self, request_iterator: AsyncIterator[pb.ScoreStreamRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ScoreStreamResponse]:
         async with self._track("ScoreStream", context):
             answers: asyncio.Queue[pb.ScoreResult | None] = asyncio.Queue()  # None: every item is answered
             futures: list[asyncio.Future[ItemOutcome]] = []
-            reader = asyncio.create_task(self._read_stream(request_iterator, answers, futures))
+            reader = asyncio.create_task(self._read_stream(request_iterator, answers, futures, context))
             try:
                 ended = False
                 while not ended:
@@ -155,35 +240,145 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
     async def _read_stream(
         self,
-        request_iterator: AsyncIterator[pb.ScoreStreamRequest],
+        request_iterator: AsyncIterator[bytes],
         answers: asyncio.Queue[pb.ScoreResult | None],
         futures: list[asyncio.Future[ItemOutcome]],
+        context: grpc.aio.ServicerContext,
     ) -> None:
-        """Validate and queue every item of the stream, then wait for all answers and end them with None."""
+        """Validate and queue every item of the stream, then wait for all answers and end them with None.
+
+        A message that does not parse is skipped; once every other item is answered, the stream ends with
+        INVALID_ARGUMENT naming it."""
         seen: set[str] = set()
+        loop = asyncio.get_running_loop()
+        undecodable: list[str] = []
         try:
             message_index = 0
-            async for request in request_iterator:
+            async for body in request_iterator:
                 field = f"messages[{message_index}].items"
                 message_index += 1
                 arrived = time.perf_counter()
+                try:
+                    request = await loop.run_in_executor(
+                        self._decoder, self._parse, pb.ScoreStreamRequest, body, "ScoreStreamRequest", context
+                    )
+                except _CallFailed as failure:
+                    undecodable.append(f"messages[{message_index - 1}]: {failure.message}")
+                    continue
                 worker = self._scorer(request.reward, request.weights)
                 if isinstance(worker, ItemError):
                     unknown = worker
                     for index, item in enumerate(request.items):
                         error = _id_error(item.id, f"{field}[{index}].id", seen) or unknown
-                        answers.put_nowait(self._answer(request.reward, item.id, error, arrived))
+                        answers.put_nowait(self._answer(UNKNOWN_REWARD_LABEL, item.id, error, arrived))
                     continue
-                valid, rejected = _validate(request.items, field, worker.spec, seen)
-                for _, item_id, error in rejected:
+                checked = await loop.run_in_executor(
+                    self._decoder, self._check, request.items, field, worker.spec, seen, None
+                )
+                for _, item_id, error in checked.rejected:
                     answers.put_nowait(self._answer(worker.name, item_id, error, arrived))
-                decoded_items = [decoded for _, decoded in valid]
-                for decoded, future in zip(decoded_items, await worker.submit(decoded_items), strict=True):
+                decoded_items = [decoded for _, decoded, _ in checked.valid]
+                queued = await worker.submit(decoded_items)
+                self._release_when_done(queued, checked)
+                for decoded, future in zip(decoded_items, queued, strict=True):
                     future.add_done_callback(self._stream_callback(answers, worker.name, decoded.id, arrived))
                     futures.append(future)
             await asyncio.gather(*futures)  # each future's callback has queued its answer before this returns
+            if undecodable:
+                raise _CallFailed(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{len(undecodable)} stream message(s) could not be parsed and their items were not scored; "
+                    f"the first: {undecodable[0]}",
+                )
         finally:
             answers.put_nowait(None)
+
+    def _parse(
+        self, message_type: type[MessageT], body: bytes, name: str, context: grpc.aio.ServicerContext
+    ) -> MessageT:
+        """Parse a request body; _CallFailed (INVALID_ARGUMENT, a short message, one log line a minute)."""
+        try:
+            return message_type.FromString(body)
+        except (DecodeError, RecursionError, ValueError) as error:
+            reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+            self._undecodable.warning(f"{name}: {reason}", str(context.peer()))
+            raise _CallFailed(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request body is not a valid ddpo.reward.v1.{name} ({reason}); check the client's proto version",
+            ) from None
+
+    def _max_pixels(self) -> int:
+        if self._limits.max_image_pixels is not None:
+            return self._limits.max_image_pixels
+        return max((s.image_spec.max_size[0] * s.image_spec.max_size[1] for s in self._specs.values()), default=1)
+
+    def _check(
+        self, items: Sequence[pb.Item], field: str, spec: RewardSpec, seen: set[str], timeout: float | None
+    ) -> _Checked:
+        """Validate and decode ``items`` within the decoding budgets, in a decoding thread; no exception escapes an
+        item. A valid item keeps its reserved bytes until ``_release_when_done`` gives them back."""
+        checked = _Checked()
+        request_bytes = 0
+        max_pixels = self._max_pixels()
+        for index, item in enumerate(items):
+            item_field = f"{field}[{index}]"
+            error = _id_error(item.id, f"{item_field}.id", seen)
+            reserved = 0
+            try:
+                if error is None:
+                    size = decoded_bytes(item, item_field, spec, max_pixels)
+                    error = self._over_budget(item_field, size, request_bytes)
+                if error is None and not self._budget.acquire(size, timeout):
+                    error = ItemError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{item_field}: the server holds {self._budget.limit // MiB} MB of decoded images waiting to "
+                        "be scored (max_decoded_mb_in_flight) and none freed up before the deadline; retry",
+                    )
+                if error is None:
+                    reserved = size
+                    checked.valid.append((index, decode_item(item, item_field, spec), size))
+                    request_bytes += size
+                    continue
+            except ItemInvalid as invalid:
+                error = invalid.error
+            except Exception as unexpected:  # a bug must cost its item, never the call or stream
+                self._unexpected.warning(f"{item_field}: {type(unexpected).__name__}: {unexpected}", "")
+                error = ItemError(
+                    grpc.StatusCode.INTERNAL,
+                    f"{item_field}: unexpected {type(unexpected).__name__} while checking the item (a server bug)",
+                )
+            if reserved:
+                self._budget.release(reserved)
+            checked.rejected.append((index, item.id, error))
+        return checked
+
+    def _over_budget(self, field: str, size: int, request_bytes: int) -> ItemError | None:
+        """Why an item that decodes to ``size`` bytes can never be taken, after ``request_bytes`` of its request."""
+        limits = self._limits
+        if size > limits.max_in_flight_bytes:
+            return ItemError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{field}: its image decodes to {size / MiB:.0f} MB, more than the server ever holds "
+                f"({limits.max_in_flight_bytes // MiB} MB, max_decoded_mb_in_flight)",
+            )
+        if request_bytes + size > limits.max_request_bytes:
+            return ItemError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{field}: the images of this request decode to more than {limits.max_request_bytes // MiB} MB "
+                "(max_request_decoded_mb); send fewer or smaller images per request or stream message",
+            )
+        return None
+
+    def _release_when_done(self, futures: Sequence[asyncio.Future[ItemOutcome]], checked: _Checked) -> None:
+        """Give each item's reserved decoding bytes back once it is answered (or dropped)."""
+        for future, (_, _, size) in zip(futures, checked.valid, strict=True):
+            future.add_done_callback(self._releaser(size))
+
+    def _releaser(self, size: int) -> Callable[[asyncio.Future[ItemOutcome]], None]:
+        def release(_: asyncio.Future[ItemOutcome]) -> None:
+            self._budget.release(size)
+
+        return release
 
     def _stream_callback(
         self, answers: asyncio.Queue[pb.ScoreResult | None], reward: str, item_id: str, arrived: float
@@ -210,7 +405,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             if not isinstance(scorer, RewardWorker):
                 return ItemError(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"weights: {component!r} is itself a composite; weigh its components instead",
+                    f"weights: {quote(component)} is itself a composite; weigh its components instead",
                 )
             workers[component] = scorer
         try:
@@ -226,7 +421,9 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             return ItemError(grpc.StatusCode.NOT_FOUND, f"reward is empty; name one of: {offered}")
         state = self._unavailable.get(reward)
         if state is None:
-            return ItemError(grpc.StatusCode.NOT_FOUND, f"unknown reward {reward!r}; this server offers: {offered}")
+            return ItemError(
+                grpc.StatusCode.NOT_FOUND, f"unknown reward {quote(reward)}; this server offers: {offered}"
+            )
         code = grpc.StatusCode.UNAVAILABLE if state == LOADING else grpc.StatusCode.FAILED_PRECONDITION
         return ItemError(code, f"reward {reward!r} {state} (health service {reward_health_name(reward)!r})")
 
@@ -299,26 +496,9 @@ def _id_error(item_id: str, field: str, seen: set[str]) -> ItemError | None:
     if item_id in seen:
         return ItemError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"{field} {item_id!r} is a duplicate; ids must be unique "
+            f"{field} {quote(item_id)} is a duplicate; ids must be unique "
             f"within the call or stream (the first item with this id "
             f"is the one answered with a score)",
         )
     seen.add(item_id)
     return None
-
-
-def _validate(
-    items: Sequence[pb.Item], field: str, spec: RewardSpec, seen: set[str]
-) -> tuple[list[tuple[int, DecodedItem]], list[tuple[int, str, ItemError]]]:
-    """Split ``items`` into decoded ones and rejected ones, each with its index in ``items``."""
-    valid, rejected = [], []
-    for index, item in enumerate(items):
-        error = _id_error(item.id, f"{field}[{index}].id", seen)
-        if error is None:
-            try:
-                valid.append((index, decode_item(item, f"{field}[{index}]", spec)))
-                continue
-            except ItemInvalid as invalid:
-                error = invalid.error
-        rejected.append((index, item.id, error))
-    return valid, rejected

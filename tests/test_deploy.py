@@ -89,9 +89,49 @@ def test_the_trainer_job_points_at_the_service() -> None:
     assert args[args.index("--reward-server") + 1] == f"{service['metadata']['name']}:{grpc_port}"
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-def test_kustomize_builds_the_manifests() -> None:
-    built = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, timeout=60)
+def test_the_token_comes_from_a_secret_and_only_the_trainer_and_prometheus_get_in() -> None:
+    manifests = _manifests()
+    server = manifests[("Deployment", "ddpo-reward-server")]["spec"]["template"]
+    job = manifests[("Job", "ddpo-train")]["spec"]["template"]
+    for pod in (server, job):
+        (container,) = pod["spec"]["containers"]
+        token_file = Path(container["args"][container["args"].index("--auth-token-file") + 1])
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(token_file.parent))
+        volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == "ddpo-reward-token"  # never a literal token in a manifest
+    (server_container,) = server["spec"]["containers"]
+    assert server_container["args"][server_container["args"].index("--host") + 1] == "0.0.0.0"  # hence the token
+    policy = manifests[("NetworkPolicy", "ddpo-reward-server")]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= server["metadata"]["labels"].items()
+    grpc_rule, metrics_rule = policy["ingress"]
+    assert grpc_rule["from"][0]["podSelector"]["matchLabels"].items() <= job["metadata"]["labels"].items()
+    assert [p["port"] for p in grpc_rule["ports"]] == ["grpc"]
+    assert [p["port"] for p in metrics_rule["ports"]] == ["metrics"]
+    assert metrics_rule["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+
+
+def _kustomize(folder: str) -> list[dict[str, Any]]:
+    built = subprocess.run(["kubectl", "kustomize", str(DEPLOY / folder)], capture_output=True, text=True, timeout=60)
     assert built.returncode == 0, built.stderr
-    kinds = [document["kind"] for document in yaml.safe_load_all(built.stdout)]
-    assert sorted(kinds) == ["ConfigMap", "Deployment", "Job", "Service"]
+    return list(yaml.safe_load_all(built.stdout))
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_builds_the_manifests_with_and_without_tls() -> None:
+    assert sorted(d["kind"] for d in _kustomize("k8s")) == [
+        "ConfigMap",
+        "Deployment",
+        "Job",
+        "NetworkPolicy",
+        "Service",
+    ]
+    with_tls = {d["kind"]: d for d in _kustomize("k8s-tls")}
+    (server,) = with_tls["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert "--tls-cert=/etc/ddpo/tls/tls.crt" in server["args"]
+    assert "--tls-key=/etc/ddpo/tls/tls.key" in server["args"]
+    (trainer,) = with_tls["Job"]["spec"]["template"]["spec"]["containers"]
+    assert trainer["args"][trainer["args"].index("--reward-server") + 1] == "grpcs://ddpo-reward-server:50051"
+    assert "reward.ca_file='/etc/ddpo/tls/tls.crt'" in trainer["args"]
+    for pod in (with_tls["Deployment"], with_tls["Job"]):
+        volumes = {v["name"]: v for v in pod["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == "ddpo-reward-tls"

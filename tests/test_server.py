@@ -52,6 +52,7 @@ def test_reflection_describes_the_service_without_the_proto_file(jpeg_server: Se
         listed, described = list(stub.ServerReflectionInfo(iter(requests), timeout=10))
     services = {s.name for s in listed.list_services_response.service}
     assert {"ddpo.reward.v1.RewardService", "grpc.health.v1.Health"} <= services
+    assert "ddpo.reward.v1.RewardAdmin" not in services  # admin calls are disabled: not advertised
     from google.protobuf import descriptor_pb2
 
     files = [
@@ -216,14 +217,22 @@ def test_full_queue_answers_resource_exhausted_and_streams_wait_instead() -> Non
     image = np.zeros((4, 4, 3), np.uint8)
     config = BatchingConfig(max_batch_size=2, max_queue_delay_ms=0, max_queued_items=2)
     with ServerThread([(slow, config)]) as server, RewardClient(server.address) as client:
-        with ThreadPoolExecutor(1) as pool:
-            busy = pool.submit(client.score, "slow", [image] * 2)
+        with ThreadPoolExecutor(2) as pool:
+            busy = pool.submit(client.score, "slow", [image] * 2)  # being scored
+            time.sleep(0.1)
+            queued = pool.submit(client.score, "slow", [image] * 2)  # fills the queue of 2
             time.sleep(0.1)
             with pytest.raises(RewardServiceError) as caught:
+                client.score("slow", [image])
+            assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED  # full now: a retry can succeed
+            assert "2 items queued" in caught.value.message
+            with pytest.raises(RewardServiceError) as never:
                 client.score("slow", [image] * 3)
-            assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "2 items queued" in caught.value.message or "cannot take 3 more" in caught.value.message
+            assert never.value.code == grpc.StatusCode.INVALID_ARGUMENT  # no retry can ever fit 3 in 2
+            assert "holds at most 2 (max_queued_items)" in never.value.message
+            assert "Retry" not in never.value.message
             assert busy.result().ok
+            assert queued.result().ok
         with client.open_stream() as stream:  # 9 items through a queue of 2: back-pressure, nothing lost
             for i in range(3):
                 stream.send("slow", [image + i] * 3)

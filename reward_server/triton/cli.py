@@ -13,6 +13,7 @@ from types import FrameType
 
 from reward_server.cli import add_reward_arguments, read_config
 from reward_server.config import ConfigError
+from reward_server.ports import check_free
 from reward_server.triton.export import export_repository, repository_differences
 from reward_server.triton.launch import tritonserver_command
 
@@ -52,6 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
     for flag in ("grpc_port", "http_port", "metrics_port"):
         if not 0 < getattr(args, flag) < 65536:
             raise ConfigError(f"--{flag.replace('_', '-')} must be in 1..65535, got {getattr(args, flag)}")
+        check_free(args.host, getattr(args, flag), f"Triton's {flag.replace('_', ' ')}")
     with tempfile.TemporaryDirectory(prefix="ddpo-triton-") as workdir:
         command = tritonserver_command(
             args.model_repository,

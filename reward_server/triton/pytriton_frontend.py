@@ -22,6 +22,7 @@ import numpy as np
 
 from clients import triton_contract as tc
 from reward_server.config import ConfigError, ServerConfig
+from reward_server.ports import check_free
 from reward_server.rewards import Reward
 from reward_server.server import build_rewards
 from reward_server.triton.backend import answer_requests
@@ -43,6 +44,13 @@ def serve_pytriton(
     """Load the rewards, bind each as a model, and serve until SIGTERM/SIGINT."""
     if config.tls_cert or config.auth_token_file:
         raise ConfigError("--frontend pytriton does not take TLS or token settings; put Triton behind a proxy for them")
+    metrics_port = config.metrics_port if config.metrics_port is not None else 8002
+    for port, what in (
+        (config.port, "Triton's gRPC port"),
+        (http_port, "Triton's HTTP port"),
+        (metrics_port, "Triton's metrics port"),
+    ):
+        check_free(config.host, port, what)
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
@@ -56,7 +64,7 @@ def serve_pytriton(
         grpc_port=config.port,
         http_address=config.host,
         http_port=http_port,
-        metrics_port=config.metrics_port if config.metrics_port is not None else 8002,
+        metrics_port=metrics_port,
         metrics_address=config.host,
         exit_timeout_secs=round(config.grace_s),
     )
