@@ -344,8 +344,10 @@ class ChannelOwner:
         tls: bool | None = None,
         root_certificates: bytes | str | Path | None = None,
         auth_token: str | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
-        """Connect to ``server`` (``host:port``, ``grpc://host:port`` or ``grpcs://host:port`` for TLS).
+        """Connect to ``server`` (``host:port``, ``grpc://host:port`` or ``grpcs://host:port`` for TLS;
+        ``tls_server_name``: the name the certificate must carry when ``server`` is an address it was resolved to).
 
         ``timeout`` is the default deadline of unary calls, in seconds. A stream has no deadline: it fails when items
         are outstanding and no answer has come for ``progress_timeout`` seconds (default of ``open_stream``), so that
@@ -356,7 +358,11 @@ class ChannelOwner:
         self.progress_timeout = progress_timeout
         if self.target.tls:
             credentials = grpc.ssl_channel_credentials(self.target.root_certificates)
-            self._channel = self._grpc.secure_channel(self.target.address, credentials, options=CHANNEL_OPTIONS)
+            options = [
+                *CHANNEL_OPTIONS,
+                *((("grpc.ssl_target_name_override", tls_server_name),) if tls_server_name else ()),
+            ]
+            self._channel = self._grpc.secure_channel(self.target.address, credentials, options=options)
         else:
             self._channel = self._grpc.insecure_channel(self.target.address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.RewardServiceStub(self._channel)

@@ -26,6 +26,13 @@ class RewardServiceError(Exception):
         return cls(code or grpc.StatusCode.UNKNOWN, details or "", method)
 
 
+class ServiceUnavailableError(RewardServiceError):
+    """No reward server could be reached for longer than the outage timeout (UNAVAILABLE)."""
+
+    def __init__(self, message: str, method: str = "") -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message, method)
+
+
 class ItemsFailedError(Exception):
     """Scores were asked for, but some items failed; ``failed`` holds their results (id, code, message)."""
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from clients.connect import AnyRewardClient, check_address, open_client
 from clients.errors import RewardServiceError
 from clients.evaluation import ImageRecord, call_error, check_rewards, now, parse_reward_list, write_evaluation
+from clients.replicas import ADDRESS_FORMS
 from clients.types import EncodedImage, ItemResult
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_SERVICE = 0, 1, 2, 3
@@ -52,9 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PROMPT_SOURCES,
         help="with --images: where each image's prompt comes from (default auto)",
     )
-    parser.add_argument(
-        "--server", default="127.0.0.1:50051", help="HOST:PORT, grpc://HOST:PORT, grpcs://... or triton://HOST:PORT"
-    )
+    parser.add_argument("--server", default="127.0.0.1:50051", help=ADDRESS_FORMS)
     parser.add_argument(
         "--reward", required=True, help="reward name (see the server's ListRewards); with --images: A[,B...]"
     )

@@ -65,3 +65,16 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     CLIPVisionModelWithProjection(config).save_pretrained(folder)
     CLIPImageProcessor().save_pretrained(folder)  # OpenAI's preprocessing: 224 bicubic, centre crop, CLIP mean/std
     return folder
+
+
+@pytest.fixture(scope="session")
+def undisturbed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tests.support.RUN`` (two epochs of the tiny model) against a server that never fails: what every disturbed
+    run of the fault and replica tests must end with, bit for bit (JPEG rewards are deterministic)."""
+    from tests.support import RUN, train_tiny
+
+    run_dir = tmp_path_factory.mktemp("undisturbed")
+    with ServerProcess("--rewards", "jpeg_compressibility") as server:
+        done = train_tiny(server.address, run_dir, *RUN)
+    assert done.returncode == 0, done.stderr
+    return run_dir

@@ -294,7 +294,9 @@ class TritonProcess:
         from clients import TritonRewardClient
 
         with self.log_file.open("wb") as log:
-            self.proc = subprocess.Popen(self.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            self.proc = subprocess.Popen(
+                self.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
         try:
             with TritonRewardClient(self.address) as client:
                 client.wait_ready(timeout=180, rewards=self.rewards)
@@ -302,6 +304,12 @@ class TritonProcess:
             self.__exit__()
             raise RuntimeError(f"Triton did not start: {self.log_file.read_text()[-4000:]}") from None
         return self
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: `ddpo triton serve` runs tritonserver, which runs the backend stubs."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
     def __exit__(self, *exc: object) -> None:
         assert self.proc is not None
@@ -326,3 +334,66 @@ def train_tiny(address: str, run_dir: Path, *args: str, timeout: float = 600) ->
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The lines of a run's metrics.jsonl."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+RUN = ["--epochs", "2", "sample.num_steps=5", "eval.enabled=false", "log.tensorboard=false", "log.images_every=0"]
+"""The two-epoch tiny run that the fault and replica tests disturb, and compare with an undisturbed one."""
+DELAY_S = 1.5  # the slow server's time per batch of 8: long enough to kill it while it scores one
+
+
+def assert_same_lora(a: Path, b: Path) -> None:
+    """The final LoRA of run folders ``a`` and ``b`` are equal bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    first, second = (load_file(run / "final" / "pytorch_lora_weights.safetensors") for run in (a, b))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def start_trainer(address: str, run_dir: Path, *args: str) -> subprocess.Popen[str]:
+    command = [*DDPO, "train", "--config", "tiny", "--reward-server", address, "--run-dir", str(run_dir), *RUN, *args]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+class SlowServer:
+    """tests/slow_server.py --jpeg on a fixed port: lives can be ended with SIGKILL and started again."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
+        self.server: ServerProcess | None = None
+        self.started_items = 0  # items whose scoring began in this life
+        self._changed = threading.Condition()
+
+    def start(self) -> None:
+        self.server = ServerProcess(
+            "--jpeg", "--delay", str(DELAY_S), "--port", str(self.port), module="tests.slow_server"
+        )
+        self.server.__enter__()
+        self.started_items = 0
+        threading.Thread(target=self._count, args=(self.server,), daemon=True).start()
+
+    def _count(self, server: ServerProcess) -> None:
+        assert server.proc is not None
+        assert server.proc.stdout is not None
+        for line in server.proc.stdout:
+            if line.startswith("scoring "):
+                with self._changed:
+                    self.started_items += int(line.split()[1])
+                    self._changed.notify_all()
+
+    def wait_started(self, items: int, timeout: float = 120) -> None:
+        """Until the scoring of the ``items``-th item of this life has begun."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.started_items >= items, timeout), self.started_items
+
+    def kill(self) -> None:
+        assert self.server is not None
+        assert self.server.proc is not None
+        self.server.proc.kill()
+        self.server.proc.wait()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.__exit__()

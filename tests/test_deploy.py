@@ -26,6 +26,65 @@ def _manifests() -> dict[tuple[str, str], dict[str, Any]]:
     return documents
 
 
+def test_every_manifest_is_valid_against_the_kubernetes_schemas() -> None:
+    """kubernetes-validate checks each object against the API schemas (strict: no unknown fields), offline."""
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    manifests = _manifests()
+    assert len(manifests) >= 11
+    for document in manifests.values():
+        kubernetes_validate.validate(document, version, strict=True)  # raises, naming the field, if invalid
+    broken = {**manifests[("Deployment", "ddpo-reward-server")], "spec": {"replicas": "two"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)  # the check does check
+
+
+def test_the_reward_servers_scale_out_behind_a_headless_service() -> None:
+    manifests = _manifests()
+    deployment = manifests[("Deployment", "ddpo-reward-server")]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["replicas"] >= 2
+    headless = manifests[("Service", "ddpo-reward-server-headless")]["spec"]
+    assert headless["clusterIP"] == "None"
+    assert headless["selector"].items() <= labels.items()
+    budget = manifests[("PodDisruptionBudget", "ddpo-reward-server")]["spec"]
+    assert budget["minAvailable"] == 1
+    assert budget["selector"]["matchLabels"].items() <= labels.items()
+    autoscaler = manifests[("HorizontalPodAutoscaler", "ddpo-reward-server")]["spec"]
+    assert autoscaler["scaleTargetRef"]["name"] == "ddpo-reward-server"
+    assert autoscaler["metrics"][0]["pods"]["metric"]["name"] == "ddpo_reward_queued_items"  # the server's gauge
+    from reward_server.metrics import ServerMetrics
+
+    exported = {metric.name for metric in ServerMetrics().registry.collect()}
+    assert "ddpo_reward_queued_items" in exported
+    port = {p["name"]: p["port"] for p in headless["ports"]}["grpc"]
+    for job in ("ddpo-train", "ddpo-train-8gpu", "ddpo-train-multinode"):
+        (container,) = manifests[("Job", job)]["spec"]["template"]["spec"]["containers"]
+        arguments = container["args"]
+        address = arguments[arguments.index("--reward-server") + 1]
+        assert address == f"dns:///ddpo-reward-server-headless:{port}", job
+
+
+def test_the_multi_gpu_and_multi_node_trainers_launch_one_process_per_gpu() -> None:
+    manifests = _manifests()
+    (single,) = manifests[("Job", "ddpo-train-8gpu")]["spec"]["template"]["spec"]["containers"]
+    gpus = single["resources"]["limits"]["nvidia.com/gpu"]
+    assert single["command"][:2] == ["accelerate", "launch"]
+    assert single["command"][single["command"].index("--num_processes") + 1] == str(gpus)
+    job = manifests[("Job", "ddpo-train-multinode")]["spec"]
+    (multi,) = job["template"]["spec"]["containers"]
+    command = multi["command"]
+    assert command[0] == "torchrun"
+    assert command[command.index("--nnodes") + 1] == str(job["completions"]) == str(job["parallelism"])
+    assert command[command.index("--nproc_per_node") + 1] == str(multi["resources"]["limits"]["nvidia.com/gpu"])
+    endpoint = command[command.index("--rdzv_endpoint") + 1]
+    service = manifests[("Service", "ddpo-train-multinode")]
+    assert job["completionMode"] == "Indexed"
+    assert job["template"]["spec"]["subdomain"] == service["metadata"]["name"]
+    assert endpoint == f"ddpo-train-multinode-0.{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+
+
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", dockerfile.read_text())
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
@@ -79,16 +138,6 @@ def test_the_reward_config_in_the_config_map_parses(tmp_path: Path) -> None:
     assert [reward.name for reward in load_config(path).rewards] == ["jpeg_compressibility", "aesthetic"]
 
 
-def test_the_trainer_job_points_at_the_service() -> None:
-    manifests = _manifests()
-    (container,) = manifests[("Job", "ddpo-train")]["spec"]["template"]["spec"]["containers"]
-    args = container["args"]
-    service = manifests[("Service", "ddpo-reward-server")]
-    grpc_port = {port["name"]: port["port"] for port in service["spec"]["ports"]}["grpc"]
-    assert args[0] == "train"
-    assert args[args.index("--reward-server") + 1] == f"{service['metadata']['name']}:{grpc_port}"
-
-
 def test_the_token_comes_from_a_secret_and_only_the_trainer_and_prometheus_get_in() -> None:
     manifests = _manifests()
     server = manifests[("Deployment", "ddpo-reward-server")]["spec"]["template"]
@@ -118,19 +167,14 @@ def _kustomize(folder: str) -> list[dict[str, Any]]:
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kustomize_builds_the_manifests_with_and_without_tls() -> None:
-    assert sorted(d["kind"] for d in _kustomize("k8s")) == [
-        "ConfigMap",
-        "Deployment",
-        "Job",
-        "NetworkPolicy",
-        "Service",
-    ]
+    kinds = sorted(d["kind"] for d in _kustomize("k8s"))
+    assert kinds == ["ConfigMap", "Deployment", "Job", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service"]
     with_tls = {d["kind"]: d for d in _kustomize("k8s-tls")}
     (server,) = with_tls["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert "--tls-cert=/etc/ddpo/tls/tls.crt" in server["args"]
     assert "--tls-key=/etc/ddpo/tls/tls.key" in server["args"]
     (trainer,) = with_tls["Job"]["spec"]["template"]["spec"]["containers"]
-    assert trainer["args"][trainer["args"].index("--reward-server") + 1] == "grpcs://ddpo-reward-server:50051"
+    assert trainer["args"][trainer["args"].index("--reward-server") + 1] == "dns:///ddpo-reward-server-headless:50051"
     assert "reward.ca_file='/etc/ddpo/tls/tls.crt'" in trainer["args"]
     for pod in (with_tls["Deployment"], with_tls["Job"]):
         volumes = {v["name"]: v for v in pod["spec"]["template"]["spec"]["volumes"]}

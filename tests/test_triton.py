@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from clients import RewardClient, RewardServiceError, TritonRewardClient
+from clients import RewardClient, RewardServiceError, TritonRewardClient, open_client
 from reward_server.rewards.remote import RemoteReward
 from tests.support import (
     DDPO,
@@ -156,6 +156,36 @@ def test_a_stream_through_triton_answers_every_item(triton: TritonProcess, photo
             results = {r.id: r.score for r in stream.results()}
     assert first + second == [str(i) for i in range(6)]
     assert [results[str(i)] for i in range(6)] == list(expected)
+
+
+def test_two_tritons_share_a_stream_and_one_killed_loses_nothing(
+    triton: TritonProcess,
+    repository: Path,
+    config_file: Path,
+    photo_batch: npt.NDArray[np.uint8],
+    tmp_path: Path,
+) -> None:
+    """`triton://a:8001,b:8001`: one balanced stream over two real Tritons, the second SIGKILLed half way."""
+    second = TritonProcess(tmp_path / "second.log", _rewards(config_file), repository=repository, env=plugin_env())
+    with TritonRewardClient(triton.address) as client:
+        expected = list(client.score("jpeg_incompressibility", photo_batch).scores)
+    both = f"{triton.address},{second.address.removeprefix('triton://')}"
+    with second, open_client(both) as client, client.open_stream(progress_timeout=60) as stream:
+        sent = [stream.send("jpeg_incompressibility", photo_batch) for _ in range(4)]
+        results = stream.results()
+        answers = [next(results) for _ in range(24)]
+        assert stream.stats[triton.address].answered > 0
+        assert stream.stats[second.address].answered > 0
+        sent += [stream.send("jpeg_incompressibility", photo_batch) for _ in range(4)]
+        second.kill()  # with batches sent to it, answered or not
+        stream.close()
+        answers += list(results)
+    ids = [item_id for batch in sent for item_id in batch]
+    assert len(set(ids)) == 48
+    assert sorted(r.id for r in answers) == sorted(ids)  # each item answered once
+    by_id = {r.id: r.score for r in answers}
+    assert [by_id[item_id] for batch in sent for item_id in batch] == expected * 8
+    assert stream.stats[triton.address].answered + stream.stats[second.address].answered == 48
 
 
 def test_concurrent_requests_are_batched_by_triton(triton: TritonProcess, photo_batch: npt.NDArray[np.uint8]) -> None:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from clients.replicas import ADDRESS_FORMS
 from trainer.config import ConfigError, load_config, preset_names
 
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help=f"a preset ({', '.join(preset_names())}) or a .toml/.yaml file")
     parser.add_argument(
         "--reward-server",
-        help="reward service address: host:port, grpc(s)://host:port, or triton://host:port (Triton gRPC)",
+        help=f"reward service address: {ADDRESS_FORMS}",
     )
     parser.add_argument("--reward", help="reward to maximise, as the service lists it")
     parser.add_argument("--model", help="hub id, local folder, or 'tiny'")
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = config.reward
     try:
         check_run_dir(Path(config.run_dir), args.resume, args.overwrite)
-        client = connect(r.server, r.name, r.read_token(), r.ca_file, r.timeout)
+        client = connect(r.server, r.name, r.read_token(), r.ca_file, r.timeout, r.outage_timeout)
     except RunFolderInUseError as error:
         print(f"ddpo train: {error}", file=sys.stderr)
         return 2

@@ -106,7 +106,8 @@ class LoraConfig:
 @dataclasses.dataclass
 class RewardConfig:
     server: str = "127.0.0.1:50051"
-    """Reward service address: host:port, grpc://host:port, grpcs://host:port or triton://host:port."""
+    """Reward service address: host:port, grpc(s)://host:port or triton://host:port; several replicas as a
+    comma-separated list (a:50051,b:50051) or dns:///name:port, balanced by outstanding work with failover."""
     name: str = "jpeg_compressibility"
     """The reward to maximise, as the service lists it (``ddpo score --list``)."""
     timeout: float = 600.0

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from clients.connect import AnyRewardClient, check_address, open_client
 from clients.errors import RewardServiceError
 from clients.evaluation import ImageRecord, call_error, check_rewards, now, parse_reward_list, write_evaluation
+from clients.replicas import ADDRESS_FORMS
 from clients.score_cli import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_SERVICE, EXIT_USAGE
 from trainer.prompts import PROMPT_SETS, load_prompts
 
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the preset's)")
     parser.add_argument("--batch-size", type=int, help="images per sampling batch (default: the preset's)")
     parser.add_argument("--rewards", required=True, help="comma-separated reward names, e.g. a,b")
-    parser.add_argument("--reward-server", required=True, help="HOST:PORT, grpc(s)://HOST:PORT or triton://HOST:PORT")
+    parser.add_argument("--reward-server", required=True, help=ADDRESS_FORMS)
     parser.add_argument("--auth-token-file", type=Path, help="file holding the service's bearer token")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the service and per call")
     parser.add_argument("--out", type=Path, required=True, help="output folder")

@@ -89,7 +89,7 @@ class RunLogger:
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as file:
             file.write(json.dumps(metrics) + "\n")
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        numbers = {k: v for k, v in _flatten(metrics).items() if isinstance(v, int | float) and not isinstance(v, bool)}
         step = int(metrics["epoch"])
         if self._tensorboard is not None:
             for key, value in numbers.items():
@@ -151,6 +151,17 @@ class RunLogger:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"reward_replicas": {"a:1": {"sent": 8}}} -> {"reward_replicas/a:1/sent": 8}, for TensorBoard and W&B."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}/")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -123,7 +123,7 @@ class Trainer:
         self.device = self.accelerator.device
         claim_run_dir(self.accelerator, self.run_dir, resume, overwrite)
         r = config.reward
-        self.client = client or connect(r.server, r.name, r.read_token(), r.ca_file, r.timeout)
+        self.client = client or connect(r.server, r.name, r.read_token(), r.ca_file, r.timeout, r.outage_timeout)
         try:
             self._set_up(resume)
         except BaseException:
@@ -361,7 +361,7 @@ class Trainer:
         prompt_batches = [self.eval_prompts[i : i + size] for i in range(0, len(self.eval_prompts), size)]
         generator = torch.Generator().manual_seed(self.config.eval.seed)  # the same noise at every evaluation
         what = f"the held-out evaluation at epoch {epoch}"
-        rewards = EpochRewards(self.client, r.name, r.timeout, r.outage_timeout, r.on_error, what)
+        rewards = EpochRewards(self.client, r.name, r.timeout, r.on_error, what)
         batches = rewards.stream(self.sample(prompt_batches, generator, what))
         images = np.concatenate([batch.images for batch in batches])
         scores = rewards.collect()
@@ -452,7 +452,7 @@ class Trainer:
         r = config.reward
         what = f"epoch {epoch + 1}"
         with failing_together(self.accelerator):
-            rewards = EpochRewards(self.client, r.name, r.timeout, r.outage_timeout, r.on_error, what, r.stream)
+            rewards = EpochRewards(self.client, r.name, r.timeout, r.on_error, what, r.stream)
             prompt_batches = self._prompt_batches(epoch)
             batches = rewards.stream(self.sample(prompt_batches, self.generators["sampling"], what))
             sample_s = time.perf_counter() - started
@@ -482,8 +482,8 @@ class Trainer:
             "sample_s": sample_s,
             "reward_wait_s": scores.wait_s,
             "rewards_ready_frac": scores.ready_frac,
-            "reward_reconnects": scores.reconnects,
             "reward_resent": scores.resent,
+            "reward_replicas": scores.replicas,
             "train_s": train_s,
             **self.stat_tracker.stats(),
             "policy_dtype": dtype_name(self.dtype),
