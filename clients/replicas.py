@@ -129,6 +129,7 @@ class ReplicaSet:
         }
         self._lock = threading.Lock()
         self._clients: dict[str, Replica] = {}
+        self._closed = False
         self._resolved_at = 0.0
         self._in_flight: dict[str, int] = {}
         self._turn = 0
@@ -162,6 +163,7 @@ class ReplicaSet:
         self.close()
 
     def close(self) -> None:
+        self._closed = True
         for client in self._clients.values():
             client.close()
 
@@ -172,6 +174,14 @@ class ReplicaSet:
         candidates = list(addresses if addresses is not None else self.addresses())
 
         def why_not(address: str) -> str | None:
+            try:
+                return probe_one(address)
+            except Exception:
+                if self._closed:  # a stream's probe thread outlived the set: its channels refuse calls
+                    return "the replica set is closed"
+                raise
+
+        def probe_one(address: str) -> str | None:
             client = self._clients[address]
             try:
                 client.list_rewards(timeout=PROBE_TIMEOUT_S)  # fails at once, with the cause, when nothing listens

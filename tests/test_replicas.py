@@ -144,6 +144,16 @@ def test_malformed_replica_addresses_are_refused_with_the_expected_form(server: 
         open_client(server)
 
 
+def test_a_probe_that_outlives_its_replica_set_reports_instead_of_raising() -> None:
+    """A stream that gave up (outage timeout) closes the set while its probe thread may still run: the probe says
+    why, rather than printing a closed-channel traceback into the trainer's stop message (seen in CI)."""
+    with ServerThread([(SlowReward("r", delay=0.0), BatchingConfig())]) as server:
+        client = open_client(f"{server.address},{server.address}")
+        assert client.probe("r") == {server.address: None}
+        client.close()
+        assert client.probe("r") == {server.address: "the replica set is closed"}
+
+
 def test_a_replica_that_comes_back_is_used_again(tmp_path: Path) -> None:
     """A stream over two replicas: one is killed (its items go to the other), restarted on its port, and then takes
     batches again once a probe finds it serving."""
