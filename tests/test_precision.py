@@ -82,18 +82,21 @@ def test_sampling_the_tiny_model_in_half_precision(
     difference = np.abs(batch.images.astype(float) - float32_images.astype(float)).mean()
     assert difference < IMAGE_TOLERANCE[precision]  # the same pictures as float32, from the same noise
     data = epoch_data(trainer, [batch])
-    worst = trainer.check_ratio(data, torch.arange(len(data)), step_order(data))
-    assert worst <= trainer.config.train.ratio_tolerance  # the default 1e-4; bit-identical on this CPU
+    terms = trainer.optimizer_step(data, [torch.arange(len(data))], step_order(data), epoch=1, check_ratio=True)
+    assert terms["ratio_check"] <= trainer.config.train.ratio_tolerance  # the default 1e-4
 
 
-def test_the_ratio_check_fails_on_nan(server: ServerThread, tmp_path: Path) -> None:
+def test_the_ratio_check_fails_on_nan_before_the_weights_change(server: ServerThread, tmp_path: Path) -> None:
     trainer = make_trainer(server, tmp_path, "train.ratio_check='warn'")
     data = epoch_data(trainer, sample(trainer))
     order = step_order(data)
-    assert trainer.check_ratio(data, torch.arange(len(data)), order) == 0.0
     data.log_probs[2, int(order[2, 0])] = float("nan")
+    before = [p.detach().clone() for p in trainer.unet.parameters() if p.requires_grad]
     with pytest.raises(RatioCheckError, match=r"max \|ratio − 1\| = inf > train.ratio_tolerance"):
-        trainer.check_ratio(data, torch.arange(len(data)), order)  # even in warn mode: NaN is never a warning
+        # even in warn mode: NaN is never a warning
+        trainer.optimizer_step(data, [torch.arange(len(data))], order, epoch=1, check_ratio=True)
+    after = [p for p in trainer.unet.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 def test_non_finite_samples_stop_the_run_and_never_reach_the_reward_service(tmp_path: Path) -> None:
@@ -188,7 +191,7 @@ def test_rwr_trains_on_the_guided_prediction(server: ServerThread, tmp_path: Pat
     )
     indices = torch.arange(4)
     x0, embeds = data.latents[indices, -1], data.prompt_embeds[indices]
-    trainer.loss(data, indices, torch.zeros(4, dtype=torch.long))
+    trainer.loss(data, indices, torch.zeros(4, 1, dtype=torch.long))
     (hidden,) = seen
     assert hidden.shape[0] == 8  # the unconditional half, then the conditional one
     assert torch.equal(hidden[:4], trainer.negative_embeds.expand(4, -1, -1))
@@ -213,7 +216,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(server: ServerThread, t
     def gradients(trainer: Trainer, data: Epoch) -> list[torch.Tensor]:
         trainer.unet.train()
         indices = torch.arange(len(data))
-        trainer.loss(data, indices, step_order(data)[:, 0])["loss"].backward()
+        trainer.loss(data, indices, step_order(data)[:, :1])["loss"].backward()
         return [p.grad.clone() for p in trainer.unet.parameters() if p.requires_grad]
 
     plain = make_trainer(server, tmp_path / "plain")

@@ -68,6 +68,13 @@ class TrainConfig:
     """Train on the guided prediction ε_u + w (ε_c − ε_u), as sampled: DDPO recomputes log-probabilities with it and
     RWR regresses it (the replication's Algorithms 1-2). Each UNet call then takes twice the batch, and twice the
     activation memory. Off: the conditional prediction only (for DDPO this disagrees with sampling)."""
+    timesteps_per_call: int | Literal["auto"] = "auto"
+    """Trained timesteps of a minibatch that go through the UNet together: its (sample, timestep) pairs make one
+    forward and backward call per chunk of this many timesteps. 1 is one call per timestep, as ddpo-pytorch does;
+    larger chunks make fewer, larger calls, which is faster while a minibatch alone does not fill the device. The
+    gradients are the same. Activation memory grows linearly with it: each call holds train.batch_size × this (× 2
+    with train.cfg) UNet activations (train.gradient_checkpointing cuts them). auto: all the trained timesteps on a
+    CPU; on a GPU the largest chunk whose forward and backward fit, found once per run by halving on out-of-memory."""
     gradient_checkpointing: bool = False
     """Recompute the UNet's activations in the backward pass instead of keeping them: much less activation memory
     for about a third more training time. The gradients are the same."""
@@ -86,8 +93,9 @@ class TrainConfig:
     sparse_percentile: float | None = None
     """Sparse RWR: keep samples at or above this percentile (0-100) of the epoch's rewards."""
     ratio_check: Literal["fail", "warn", "off"] = "fail"
-    """Before each epoch's first update, recompute a minibatch's log-probs: fail (or warn) if max |ratio − 1| is
-    above ratio_tolerance, which means sampling and training disagree (dtype, batch layout, a scheduler change)."""
+    """At each epoch's first optimizer step, before the weights change, the log-probs it recomputes must match the
+    sampled ones: fail (or warn) if max |ratio − 1| is above ratio_tolerance, which means sampling and training
+    disagree (dtype, batch layout, a scheduler change). It costs no extra UNet call."""
     ratio_tolerance: float = 1e-4
     """Largest acceptable max |ratio − 1| with unchanged weights (float32 on CPU gives 0 or about 1e-6)."""
 
@@ -352,8 +360,14 @@ def _check_type(key: str, hint: Any, value: Any) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        (inner,) = (arg for arg in args if arg is not type(None))
-        return _check_type(key, inner, value)
+        inner = [arg for arg in args if arg is not type(None)]
+        for arg in inner:
+            try:
+                return _check_type(key, arg, value)
+            except ConfigError:
+                if len(inner) == 1:
+                    raise
+        raise ConfigError(f"{key} must be {' or '.join(map(_describe, inner))}, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -364,6 +378,13 @@ def _check_type(key: str, hint: Any, value: Any) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
     return value
+
+
+def _describe(hint: Any) -> str:
+    """A type as a config error names it: ``int``, ``'auto'``."""
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(choice) for choice in typing.get_args(hint))
+    return str(hint.__name__)
 
 
 def validate(config: Config) -> None:
@@ -400,6 +421,12 @@ def validate(config: Config) -> None:
         )
     if not 0 < train.timestep_fraction <= 1:
         raise ConfigError(f"train.timestep_fraction must be in (0, 1], got {train.timestep_fraction}")
+    per_call = train.timesteps_per_call
+    if per_call != "auto" and not 0 < per_call <= config.train_timesteps():
+        raise ConfigError(
+            f"train.timesteps_per_call must be 'auto' or in [1, {config.train_timesteps()}] (the trained timesteps "
+            f"per sample: sample.num_steps × train.timestep_fraction), got {per_call}"
+        )
     if sample.batch_size % sample.images_per_prompt:
         raise ConfigError(
             f"sample.images_per_prompt ({sample.images_per_prompt}) must divide sample.batch_size ({sample.batch_size})"

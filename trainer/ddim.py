@@ -78,7 +78,7 @@ def check_trainable_schedule(scheduler: DDIMScheduler, eta: float) -> None:
 
 
 def _check_variance(scheduler: DDIMScheduler, timesteps: torch.Tensor, stds: torch.Tensor) -> None:
-    zero = sorted({int(t) for t, std in zip(timesteps.flatten(), stds.flatten(), strict=True) if not std > 0})
+    zero = sorted(set(timesteps.flatten()[~(stds.flatten() > 0)].tolist()))
     if zero:
         raise ValueError(
             f"the scheduler gives zero variance at timestep(s) {zero}, so their log-probability is undefined. "

@@ -3,7 +3,9 @@
 Denoising is an MDP: the state is (c, t, x_t), the action is x_{t−1}, the policy is the Gaussian DDIM step
 π_θ(x_{t−1} | x_t, c) = N(μ_θ(x_t, t, c), σ_t² I), and the only reward r(x_0, c) comes at the end. Every loss below is
 for one denoising step of a minibatch of trajectories; the trainer averages it over the steps it trains on (a random
-``timestep_fraction`` of them, per sample) by accumulating gradients. All are minimised.
+``timestep_fraction`` of them, per sample). Each takes a batch of (sample, step) pairs whose steps may differ: its
+mean over k steps' worth of pairs is the mean of the k per-step losses, which is how the trainer batches timesteps
+into one UNet call. All are minimised.
 
 Notation: A is the advantage (the reward normalised per prompt, then clipped), log π is averaged over the latent's
 dimensions (see ``trainer.ddim``), and old means "at sampling time", i.e. under θ_old.

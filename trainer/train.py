@@ -89,7 +89,7 @@ class Epoch:
     """
 
     prompts: list[str]
-    prompt_embeds: torch.Tensor  # (N, L, D)
+    prompt_embeds: torch.Tensor  # (N, L, D), like every tensor here on the training device
     latents: torch.Tensor  # (N, T+1, C, h, w)
     log_probs: torch.Tensor  # (N, T)
     timesteps: torch.Tensor  # (N, T)
@@ -162,6 +162,7 @@ class Trainer:
         self.reference_unet = self._reference_unet()
         self.negative_embeds = encode_prompts(self.pipeline, [""], self.device)  # (1, L, D)
 
+        self._probed_per_call: int | None = None  # train.timesteps_per_call = 'auto' on a GPU, once probed
         self.stat_tracker = adv.PerPromptStatTracker(config.stat_tracking.buffer_size, config.stat_tracking.min_count)
         self.start_epoch, self.global_step = 0, 0
         self.stop = GracefulStop()
@@ -502,14 +503,15 @@ class Trainer:
         weights = np.zeros(len(all_rewards))
         scored_prompts = [p for p, ok in zip(all_prompts, scored, strict=True) if ok]
         weights[scored] = self._weights(scored_prompts, all_rewards[scored])
+        device = self.device  # copied to the device once, not at every UNet call
         return Epoch(
             prompts=prompts,
-            prompt_embeds=torch.cat([b.prompt_embeds for b in batches]),
-            latents=torch.cat([b.latents for b in batches]),
-            log_probs=torch.cat([b.log_probs for b in batches]),
-            timesteps=torch.cat([b.timesteps for b in batches]),
+            prompt_embeds=torch.cat([b.prompt_embeds for b in batches]).to(device),
+            latents=torch.cat([b.latents for b in batches]).to(device),
+            log_probs=torch.cat([b.log_probs for b in batches]).to(device),
+            timesteps=torch.cat([b.timesteps for b in batches]).to(device),
             rewards=all_rewards[scored],
-            weights=torch.as_tensor(weights[mine], dtype=torch.float32),
+            weights=torch.as_tensor(weights[mine], dtype=torch.float32, device=device),
             dropped=int((~scored).sum()),
         )
 
@@ -553,21 +555,22 @@ class Trainer:
             order = torch.randperm(len(data), generator=generator)
             # each sample visits its own random subset of the T steps, in a random order (timestep_fraction)
             step_order = torch.stack([torch.randperm(config.sample.num_steps, generator=generator) for _ in order])
-            step_order = step_order[:, : config.train_timesteps()]  # (N, T_train)
-            minibatches = list(torch.split(order, config.train.batch_size))
-            if inner == 0 and config.train.algorithm not in ("rwr", "sparse_rwr"):
-                ratio_check = self.check_ratio(data, minibatches[0], step_order)
+            step_order = step_order[:, : config.train_timesteps()].to(self.device)  # (N, T_train)
+            minibatches = list(torch.split(order.to(self.device), config.train.batch_size))
             groups = [
                 minibatches[i : i + config.train.gradient_accumulation_steps]
                 for i in range(0, len(minibatches), config.train.gradient_accumulation_steps)
             ]
-            for group in tqdm(
-                groups,
-                desc=f"training (inner epoch {inner + 1}/{config.train.num_inner_epochs})",
-                disable=not self.accelerator.is_local_main_process,
-                leave=False,
+            for n, group in enumerate(
+                tqdm(
+                    groups,
+                    desc=f"training (inner epoch {inner + 1}/{config.train.num_inner_epochs})",
+                    disable=not self.accelerator.is_local_main_process,
+                    leave=False,
+                )
             ):
-                terms = self.optimizer_step(data, group, step_order, epoch)
+                terms = self.optimizer_step(data, group, step_order, epoch, check_ratio=inner == n == 0)
+                ratio_check = terms.pop("ratio_check", ratio_check)
                 skipped += int(self.accelerator.optimizer_step_was_skipped)
                 self.stop.check(self.accelerator)
                 for key, value in terms.items():
@@ -581,28 +584,22 @@ class Trainer:
         return metrics
 
     def optimizer_step(
-        self, data: Epoch, group: list[torch.Tensor], step_order: torch.Tensor, epoch: int
+        self, data: Epoch, group: list[torch.Tensor], step_order: torch.Tensor, epoch: int, check_ratio: bool = False
     ) -> dict[str, float]:
-        """Accumulate gradients over the group's minibatches and trained steps, then take one optimizer step.
+        """Accumulate the gradients of the group's minibatches, then take one optimizer step.
 
-        Accumulation is explicit rather than accelerate's ``accumulate``; ``no_sync`` skips gradient all-reduce until
-        the last backward pass of the step. A non-finite loss or gradient norm stops the run before the step, on
-        every process; except that in fp16 an overflowing gradient is the loss scaler's to handle (it skips the step
-        and lowers the scale), until the scale falls below 1.
+        ``check_ratio`` (each epoch's first step): the ratio self-check on the log-probabilities this step recomputed,
+        before the weights change (``ratio_check`` in the result). A non-finite loss or gradient norm stops the run
+        before the step, on every process; except that in fp16 an overflowing gradient is the loss scaler's to handle
+        (it skips the step and lowers the scale), until the scale falls below 1.
         """
-        micro_steps = [(indices, j) for indices in group for j in range(step_order.shape[1])]
-        totals: dict[str, float] = {}
-        for n, (indices, j) in enumerate(micro_steps):
-            last = n == len(micro_steps) - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet)
-            with sync, self.accelerator.autocast():
-                terms = self.loss(data, indices, step_order[indices, j])
-                self.accelerator.backward(terms["loss"] / len(micro_steps))
-            for key, value in terms.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micro_steps)
+        terms = self.accumulate_gradients(data, group, step_order)
+        worst_deviation = terms.pop("ratio_deviation", None)  # None for RWR, which has no ratio
+        if check_ratio and worst_deviation is not None and self.config.train.ratio_check != "off":
+            terms["ratio_check"] = self._check_ratio(worst_deviation)
         grad_norm = float(self.accelerator.clip_grad_norm_(self.unet.parameters(), self.config.train.max_grad_norm))
         where = f"epoch {epoch}, optimizer step {self.global_step + 1} ({dtype_name(self.dtype)})"
-        if any_process(self.accelerator, not math.isfinite(totals["loss"])):
+        if any_process(self.accelerator, not math.isfinite(terms["loss"])):
             raise NonFiniteError(f"{where}: the loss is not finite on at least one process. {ADVICE}")
         scaler = self.accelerator.scaler
         if not math.isfinite(grad_norm) and (scaler is None or scaler.get_scale() < 1):
@@ -611,26 +608,113 @@ class Trainer:
         self.optimizer.zero_grad()
         self.global_step += 1
         if math.isfinite(grad_norm):
-            totals["grad_norm"] = grad_norm
-        return totals
+            terms["grad_norm"] = grad_norm
+        return terms
 
-    def loss(self, data: Epoch, indices: torch.Tensor, step_index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The configured algorithm's loss for samples ``indices`` at their step ``step_index`` (one per sample)."""
+    def accumulate_gradients(
+        self, data: Epoch, group: list[torch.Tensor], step_order: torch.Tensor
+    ) -> dict[str, float]:
+        """Back-propagate the loss of one optimizer step: the mean, over the group's minibatches and their T trained
+        steps (``step_order`` (N, T)), of the per-step loss. Returns its mean terms, and DDPO's max |ratio − 1|.
+
+        A minibatch's steps go through the UNet in chunks of k = train.timesteps_per_call (the last may be shorter).
+        A chunk's loss is the mean of its k per-step losses, so it is back-propagated with weight k / (minibatches × T):
+        the same gradient as one call per step (k = 1, the reference), in fewer calls. Accumulation is explicit
+        rather than accelerate's ``accumulate``; ``no_sync`` skips gradient all-reduce until the last backward pass.
+        """
+        steps = step_order.shape[1]
+        per_call = self._timesteps_per_call(data, group[0], step_order)
+        calls = [
+            (indices, step_order[indices, j : j + per_call]) for indices in group for j in range(0, steps, per_call)
+        ]
+        totals: dict[str, torch.Tensor] = {}
+        worst_deviation: torch.Tensor | None = None
+        for n, (indices, chunk) in enumerate(calls):
+            share = chunk.shape[1] / (len(group) * steps)
+            sync = contextlib.nullcontext() if n == len(calls) - 1 else self.accelerator.no_sync(self.unet)
+            with sync, self.accelerator.autocast():
+                terms = self.loss(data, indices, chunk)
+                self.accelerator.backward(terms["loss"] * share)
+            if (deviation := terms.pop("ratio_deviation", None)) is not None:
+                worst_deviation = deviation if worst_deviation is None else torch.maximum(worst_deviation, deviation)
+            for key, value in terms.items():
+                totals[key] = totals.get(key, 0.0) + value.detach() * share
+        if worst_deviation is not None:
+            totals["ratio_deviation"] = worst_deviation
+        return {key: float(value) for key, value in totals.items()}
+
+    def _timesteps_per_call(self, data: Epoch, indices: torch.Tensor, step_order: torch.Tensor) -> int:
+        """train.timesteps_per_call, with auto resolved: every trained step on a CPU; on a GPU, probed once."""
+        per_call = self.config.train.timesteps_per_call
+        if per_call != "auto":
+            return per_call
+        if self.device.type != "cuda":
+            return int(step_order.shape[1])
+        if self._probed_per_call is None:
+            self._probed_per_call = self.probe_timesteps_per_call(data, indices, step_order)
+            logger.info("train.timesteps_per_call = 'auto': %d per UNet call fit(s) in memory", self._probed_per_call)
+        return self._probed_per_call
+
+    def probe_timesteps_per_call(self, data: Epoch, indices: torch.Tensor, step_order: torch.Tensor) -> int:
+        """The largest chunk of minibatch ``indices``'s trained steps whose forward and backward fit in memory:
+        all of them, halved on each out-of-memory error. Nothing changes: the gradients are zeroed and the training
+        generator (RWR's noise) is put back. Each process probes alone (no gradient all-reduce: an out-of-memory
+        on one process must not leave the others waiting), then all take the smallest."""
+        generator = self.generators["training"]
+        random_state = generator.get_state()
+        per_call = int(step_order.shape[1])
+        while True:
+            try:
+                with self.accelerator.no_sync(self.unet), self.accelerator.autocast():
+                    self.accelerator.backward(self.loss(data, indices, step_order[indices, :per_call])["loss"])
+                break
+            except torch.cuda.OutOfMemoryError as error:
+                if per_call == 1:
+                    error.add_note(
+                        "One trained timestep of a minibatch does not fit: lower train.batch_size, or set "
+                        "train.gradient_checkpointing = true."
+                    )
+                    raise
+                per_call //= 2
+            finally:
+                self.optimizer.zero_grad()
+                generator.set_state(random_state)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        return -int(max_over_processes(self.accelerator, -per_call))
+
+    def loss(self, data: Epoch, indices: torch.Tensor, steps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The configured algorithm's loss for samples ``indices`` (B) at their recorded steps ``steps`` (B, k): the
+        mean of the k per-step losses, all B·k (sample, step) pairs in one UNet call (a UNet call is per-pair, so
+        batching changes no term). Pairs are laid out step by step, each a block of B, so that every mean over the
+        pairs is the mean over steps of the per-step mean. DDPO also returns ``ratio_deviation``, max |π_θ/π_old − 1|
+        (inf for NaN), for the ratio self-check."""
         t = self.config.train
-        weights = data.weights[indices].to(self.device)
-        prompt_embeds = data.prompt_embeds[indices].to(self.device)
         if t.algorithm in ("rwr", "sparse_rwr"):
-            return {"loss": self.rwr_loss(data.latents[indices, -1].to(self.device), prompt_embeds, weights)}
-        step = self.policy(self.unet, data, indices, step_index)
-        old_log_prob = data.log_probs[indices, step_index].to(self.device)
+            loss = self.rwr_loss(
+                data.latents[indices, -1], data.prompt_embeds[indices], data.weights[indices], steps.shape[1]
+            )
+            return {"loss": loss}
+        samples = indices.repeat(steps.shape[1])  # (k·B,)
+        step_index = steps.T.reshape(-1)
+        step = self.policy(self.unet, data, samples, step_index)
+        old_log_prob = data.log_probs[samples, step_index]
+        weights = data.weights[samples]
         if t.algorithm == "ddpo_sf":
             terms = losses.ddpo_sf_loss(step.log_prob, old_log_prob, weights)
         else:
             terms = losses.ddpo_is_loss(step.log_prob, old_log_prob, weights, t.clip_range)
-        out = {"loss": terms.loss, "approx_kl": terms.approx_kl, "clipfrac": terms.clipfrac}
+        with torch.no_grad():
+            deviation = (torch.exp(step.log_prob - old_log_prob) - 1).abs().nan_to_num(torch.inf).max()
+        out = {
+            "loss": terms.loss,
+            "approx_kl": terms.approx_kl,
+            "clipfrac": terms.clipfrac,
+            "ratio_deviation": deviation,
+        }
         if t.algorithm == "ddpo_is_kl":
             with torch.no_grad(), self._reference() as reference:
-                ref = self.policy(reference, data, indices, step_index)
+                ref = self.policy(reference, data, samples, step_index)
             if t.kl_estimator == "exact":
                 kl = losses.exact_kl_penalty(step.mean, ref.mean, step.std)
             else:
@@ -652,51 +736,45 @@ class Trainer:
         return policy_step(
             unet,
             self.pipeline.scheduler,
-            data.latents[indices, step_index].to(self.device),  # x_t
-            data.timesteps[indices, step_index].to(self.device),
-            data.prompt_embeds[indices].to(self.device),
+            data.latents[indices, step_index],  # x_t
+            data.timesteps[indices, step_index],
+            data.prompt_embeds[indices],
             self.negative_embeds,
             self._train_guidance(),
             self.config.sample.eta,
-            prev_latents=data.latents[indices, step_index + 1].to(self.device),  # x_{t-1}, as sampled
+            prev_latents=data.latents[indices, step_index + 1],  # x_{t-1}, as sampled
         )
 
-    def rwr_loss(self, x0: torch.Tensor, prompt_embeds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The weighted denoising loss at a fresh random training timestep and noise for each sample.
+    def rwr_loss(
+        self, x0: torch.Tensor, prompt_embeds: torch.Tensor, weights: torch.Tensor, draws: int = 1
+    ) -> torch.Tensor:
+        """The weighted denoising loss at ``draws`` fresh random training timesteps and noises for each sample, in
+        one UNet call: the mean of ``draws`` per-draw losses, drawn in the order of one call per draw.
 
         With train.cfg (the default, as the replication's Algorithms 1-2 and jannerm/ddpo) the regressed prediction
-        is the guided one, ε_u + w (ε_c − ε_u): one UNet call on twice the batch, so twice the activation memory.
+        is the guided one, ε_u + w (ε_c − ε_u): the call takes twice the batch, so twice the activation memory.
         """
         scheduler = self.pipeline.scheduler
         generator = self.generators["training"]
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(self.device)
-        timesteps = timesteps.to(self.device)
-        noisy = scheduler.add_noise(x0, noise, timesteps)
+        timesteps, noise = [], []
+        for _ in range(draws):
+            timesteps.append(torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator))
+            noise.append(torch.randn(x0.shape, generator=generator, dtype=x0.dtype))
+        t = torch.cat(timesteps).to(self.device)
+        eps = torch.cat(noise).to(self.device)
+        x0 = x0.repeat(draws, *[1] * (x0.ndim - 1))
+        noisy = scheduler.add_noise(x0, eps, t)
         prediction = guided_noise_pred(
-            self.unet, noisy, timesteps, prompt_embeds, self.negative_embeds, self._train_guidance()
+            self.unet, noisy, t, prompt_embeds.repeat(draws, 1, 1), self.negative_embeds, self._train_guidance()
         )
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(x0, noise, timesteps)
-        else:
-            target = noise
-        return losses.rwr_loss(prediction, target, weights)
+        target = scheduler.get_velocity(x0, eps, t) if scheduler.config.prediction_type == "v_prediction" else eps
+        return losses.rwr_loss(prediction, target, weights.repeat(draws))
 
-    @torch.no_grad()
-    def check_ratio(self, data: Epoch, indices: torch.Tensor, step_order: torch.Tensor) -> float:
-        """max |π_θ/π_old − 1| on a minibatch before the epoch's first update, over every process: it must be ~0, or
-        the update is wrong. A NaN or infinite ratio always fails (unless the check is off)."""
+    def _check_ratio(self, worst: float) -> float:
+        """The ratio self-check on this process's max |π_θ/π_old − 1| at unchanged weights: over every process it
+        must be ~0, or the update is wrong. A NaN or infinite ratio always fails (unless the check is off)."""
         t = self.config.train
-        if t.ratio_check == "off":
-            return 0.0
-        deviations = []
-        with self.accelerator.autocast():
-            for j in range(step_order.shape[1]):
-                step_index = step_order[indices, j]
-                step = self.policy(self.unet, data, indices, step_index)
-                ratio = torch.exp(step.log_prob - data.log_probs[indices, step_index].to(self.device))
-                deviations.append((ratio - 1).abs())
-        worst = max_over_processes(self.accelerator, float(torch.cat(deviations).nan_to_num(torch.inf).max()))
+        worst = max_over_processes(self.accelerator, worst)
         if math.isfinite(worst) and worst <= t.ratio_tolerance:
             return worst
         message = (
