@@ -82,7 +82,7 @@ def one_step_weights(address: str, profile: bool) -> None:
             trainer.generators["training"].manual_seed(7)
             trainer.unet.train()
             order = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(i)) for i in range(16)])
-            trainer.accumulate_gradients(data, [torch.arange(8)], order)
+            trainer.update.accumulate_gradients(data, [torch.arange(8)], order)
             grads[mode] = [p.grad.clone() for p in trainer.unet.parameters() if p.requires_grad]
             trainer.optimizer.step()
             trainer.optimizer.zero_grad()

@@ -10,7 +10,15 @@ from clients.client import RewardClient, ScoreStream
 from clients.connect import AnyRewardClient, open_client
 from clients.errors import ItemsFailedError, RewardServiceError
 from clients.triton import TritonRewardClient, TritonScoreStream
-from clients.types import BatchResult, EncodedImage, ItemResult, RewardInfo, ScoreItem
+from clients.types import (
+    BatchResult,
+    EncodedImage,
+    ItemResult,
+    RewardClientLike,
+    RewardInfo,
+    ScoreItem,
+    ScoreStreamLike,
+)
 
 __all__ = [
     "AnyRewardClient",
@@ -21,10 +29,12 @@ __all__ = [
     "ItemResult",
     "ItemsFailedError",
     "RewardClient",
+    "RewardClientLike",
     "RewardInfo",
     "RewardServiceError",
     "ScoreItem",
     "ScoreStream",
+    "ScoreStreamLike",
     "TritonRewardClient",
     "TritonScoreStream",
     "open_client",

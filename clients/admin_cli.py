@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from clients.admin import AdminClient
+from clients.cli_support import EXIT_OK, EXIT_SERVICE, read_token_file
 from clients.connect import check_address
 from clients.errors import RewardServiceError
-from clients.score_cli import EXIT_OK, EXIT_SERVICE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_address(args.server)
-        token = args.admin_token_file.read_text().strip()
+        token = read_token_file(args.admin_token_file, "--admin-token-file")
         options = parse_options(args.option) if args.command == "register" else {}
         client = AdminClient(
             args.server, admin_token=token, timeout=args.timeout, root_certificates=args.root_certificates

@@ -14,21 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import html
+import importlib.resources
 import json
 import math
+import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import grpc
 import numpy as np
 
 from clients.errors import RewardServiceError
 
 if TYPE_CHECKING:
-    from clients.connect import AnyRewardClient
     from clients.types import ItemResult
 
 RESULTS_FILE, SUMMARY_FILE, REPORT_FILE = "results.jsonl", "summary.json", "report.html"
@@ -83,43 +84,17 @@ class ImageRecord:
                 line[key] = value
         return line
 
+    @classmethod
+    def from_json(cls, line: Mapping[str, Any]) -> ImageRecord:
+        """The record of a results.jsonl line (``to_json``'s inverse)."""
+        optional = {key: line[key] for key in ("errors", "components", "info") if key in line}
+        fields = ("variant", "prompt", "prompt_index", "sample", "seed", "image", "rewards")
+        return cls(**{key: line[key] for key in fields}, **optional)
+
 
 def call_error(error: RewardServiceError) -> str:
     """The "CODE: message" recorded on the items of a call that failed as a whole."""
     return f"{error.code.name}: {error.message}"
-
-
-def check_rewards(client: AnyRewardClient, address: str, rewards: Sequence[str], timeout: float) -> None:
-    """Wait for the service, check that it offers every reward in ``rewards``, and wait until they serve.
-
-    Raises RewardServiceError (a missing reward: NOT_FOUND, naming what the service offers; one that failed to
-    load: FAILED_PRECONDITION with the reason) or TimeoutError. A Triton server that cannot list its models
-    (PyTriton) is only waited on.
-    """
-    client.wait_ready(timeout=timeout)
-    try:
-        offered = {info.name: info for info in client.list_rewards(timeout=timeout)}
-    except RewardServiceError as error:
-        if error.code != grpc.StatusCode.FAILED_PRECONDITION:
-            raise
-        offered = None
-    if offered is not None:
-        missing = [name for name in rewards if name not in offered]
-        if missing:
-            raise RewardServiceError(
-                grpc.StatusCode.NOT_FOUND,
-                f"reward(s) {', '.join(repr(m) for m in missing)} not offered by {address}; "
-                f"it offers: {', '.join(sorted(offered)) or 'nothing'}",
-                "ListRewards",
-            )
-        for name in rewards:
-            if offered[name].load_error:
-                raise RewardServiceError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"reward {name!r} could not be loaded by {address}: {offered[name].load_error}",
-                    "ListRewards",
-                )
-    client.wait_ready(timeout=timeout, rewards=list(rewards))
 
 
 def parse_reward_list(text: str) -> list[str]:
@@ -136,6 +111,12 @@ def parse_reward_list(text: str) -> list[str]:
 def now() -> str:
     """The ``created`` timestamp of the settings: UTC, ISO 8601, to the second."""
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+
+
+def evaluation_settings(command: str, rewards: Sequence[str], reward_server: str, **details: Any) -> dict[str, Any]:
+    """The settings at the top of summary.json and report.html, in the same order for every command: the command,
+    what it evaluated and how (``details``), the rewards, the service and the time."""
+    return {"command": command, **details, "rewards": list(rewards), "reward_server": reward_server, "created": now()}
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -255,40 +236,14 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------------- report
 
-_STYLE = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; background: #fff; }
-h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; } h3 { font-size: 15px; margin: 20px 0 6px; }
-table { border-collapse: collapse; margin: 8px 0; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-table.settings td { text-align: left; font-family: monospace; }
-.row { display: flex; flex-wrap: wrap; gap: 12px; }
-.pair { display: flex; gap: 4px; padding: 4px; border: 1px solid #ddd; border-radius: 4px; flex-direction: column; }
-.pair .images { display: flex; gap: 4px; }
-figure { margin: 0; width: 160px; }
-figure img { width: 160px; height: auto; image-rendering: pixelated; background: #eee; display: block; }
-figure img.broken { outline: 3px solid #c00; min-height: 40px; }
-figcaption { font-size: 12px; word-wrap: break-word; }
-.err { color: #c00; }
-.up { color: #080; } .down { color: #c00; }
-.variant { font-weight: bold; }
-#image-status { font-weight: bold; }
-svg text { font: 11px system-ui, sans-serif; fill: #222; }
-"""
+# The report's page skeleton, CSS, script and histogram frame are package data in clients/report/ (kept as files so
+# that they read and lint as what they are); every page inlines them, so report.html stays one self-contained file.
 
-_SCRIPT = """
-window.addEventListener("load", function () {
-  var images = Array.prototype.slice.call(document.querySelectorAll("img"));
-  var loaded = 0, failed = 0;
-  images.forEach(function (img) {
-    if (img.complete && img.naturalWidth > 0) { loaded += 1; } else { failed += 1; img.classList.add("broken"); }
-  });
-  document.body.dataset.imagesLoaded = String(loaded);
-  document.body.dataset.imagesFailed = String(failed);
-  document.getElementById("image-status").textContent =
-    loaded + " of " + images.length + " images loaded" + (failed ? " (" + failed + " failed)" : "");
-});
-"""
+
+@functools.cache
+def _asset(name: str) -> str:
+    """A file of clients/report/, read once per process."""
+    return (importlib.resources.files("clients") / "report" / name).read_text(encoding="utf-8")
 
 
 def _esc(value: object) -> str:
@@ -326,7 +281,8 @@ def _stats_table(reward: str, summary: Mapping[str, Any]) -> str:
 
 def histogram_svg(reward: str, scores: Mapping[str, Sequence[float]], width: int = 640, height: int = 230) -> str:
     """An inline SVG histogram of each variant's scores on shared bins, the variants' bars side by side in each bin,
-    with axes, tick labels, axis labels and a legend."""
+    with axes, tick labels, axis labels and a legend. The frame is clients/report/histogram.svg; the bars, legend
+    and ticks are computed here."""
     every = np.array([s for values in scores.values() for s in values], dtype=np.float64)
     if not len(every):
         return f"<p>No {_esc(reward)} scores to plot.</p>"
@@ -335,53 +291,56 @@ def histogram_svg(reward: str, scores: Mapping[str, Sequence[float]], width: int
     counts = {v: np.histogram(np.asarray(values, dtype=np.float64), edges)[0] for v, values in scores.items()}
     left, right, top, bottom = 52, 170, 12, 44  # the legend goes on the right
     plot_w, plot_h = width - left - right, height - top - bottom
+    axis_y = top + plot_h
     peak = max(1, max(int(c.max()) for c in counts.values()))
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-        f'aria-label="histogram of {_esc(reward)}">'
-    ]
     bin_w = plot_w / bins
     bar_w = bin_w / max(1, len(counts))
+    legend_x = left + plot_w + 24
+    bars, legend, ticks = [], [], []
     for k, (variant, values) in enumerate(counts.items()):
         colour = _COLOURS[k % len(_COLOURS)]
         for i, count in enumerate(values):
             if not count:
                 continue
             bar_h = plot_h * count / peak
-            x, y = left + i * bin_w + k * bar_w, top + plot_h - bar_h
-            parts.append(
+            x, y = left + i * bin_w + k * bar_w, axis_y - bar_h
+            bars.append(
                 f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(bar_w - 1, 1):.1f}" height="{bar_h:.1f}" '
                 f'fill="{colour}"><title>{_esc(variant)}: [{edges[i]:.4g}, {edges[i + 1]:.4g}]: {count} images'
                 "</title></rect>"
             )
-        legend_x = left + plot_w + 24
-        parts.append(
+        legend.append(
             f'<rect x="{legend_x}" y="{4 + 14 * k}" width="10" height="10" fill="{colour}"/>'
             f'<text x="{legend_x + 14}" y="{13 + 14 * k}">{_esc(variant)}</text>'
         )
-    axis_y = top + plot_h
-    parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" stroke="#222"/>')
-    parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{axis_y}" stroke="#222"/>')
     for value in range(0, peak + 1, math.ceil(peak / 4)):
         y = axis_y - plot_h * value / peak
-        parts.append(
+        ticks.append(
             f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#222"/>'
             f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{value}</text>'
         )
     for fraction in (0.0, 0.5, 1.0):
         x = left + plot_w * fraction
         value = edges[0] + (edges[-1] - edges[0]) * fraction
-        parts.append(
+        ticks.append(
             f'<line x1="{x:.1f}" y1="{axis_y}" x2="{x:.1f}" y2="{axis_y + 4}" stroke="#222"/>'
             f'<text x="{x:.1f}" y="{axis_y + 16}" text-anchor="middle">{value:.4g}</text>'
         )
-    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle">{_esc(reward)}</text>')
-    parts.append(
-        f'<text x="14" y="{top + plot_h / 2:.1f}" text-anchor="middle" '
-        f'transform="rotate(-90 14 {top + plot_h / 2:.1f})">images</text>'
+    return string.Template(_asset("histogram.svg")).substitute(
+        reward=_esc(reward),
+        width=width,
+        height=height,
+        left=left,
+        top=top,
+        axis_y=axis_y,
+        plot_right=left + plot_w,
+        label_x=f"{left + plot_w / 2:.1f}",
+        label_y=height - 6,
+        middle_y=f"{top + plot_h / 2:.1f}",
+        bars="".join(bars),
+        legend="".join(legend),
+        ticks="".join(ticks),
     )
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 def _figure(record: ImageRecord, rewards: Sequence[str], show_variant: bool) -> str:
@@ -447,7 +406,8 @@ def _grid(records: Sequence[ImageRecord], rewards: Sequence[str]) -> str:
 
 
 def render_report(records: Sequence[ImageRecord], rewards: Sequence[str], summary: Mapping[str, Any]) -> str:
-    """report.html: one self-contained page (no external CSS, scripts or fonts; images by relative path)."""
+    """report.html: one self-contained page (no external CSS, scripts or fonts; images by relative path), the
+    skeleton clients/report/report.html with report.css and report.js inlined."""
     settings = summary["settings"]
     variants = summary["variants"]
     rows = "".join(
@@ -465,16 +425,13 @@ def render_report(records: Sequence[ImageRecord], rewards: Sequence[str], summar
             f"<p>Each pair shows {_esc(variants[0])} | {_esc(variants[1])} from the same seed; Δ is "
             f"{_esc(variants[1])} minus {_esc(variants[0])}.</p>"
         )
-    title = f"DDPO evaluation: {', '.join(variants)}"
-    return (
-        "<!DOCTYPE html>\n"
-        f"<html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
-        f"<style>{_STYLE}</style></head><body>"
-        f"<h1>{_esc(title)}</h1>"
-        f"<p id='image-status'>{summary['images']} images</p>"
-        f"<table class='settings'>{rows}</table>"
-        f"{''.join(sections)}"
-        f"<h2>Images</h2>{layout}{_grid(records, rewards)}"
-        f"<script>{_SCRIPT}</script>"
-        "</body></html>\n"
+    return string.Template(_asset("report.html")).substitute(
+        title=_esc(f"DDPO evaluation: {', '.join(variants)}"),
+        style=_asset("report.css"),
+        script=_asset("report.js"),
+        images=summary["images"],
+        settings_rows=rows,
+        sections="".join(sections),
+        layout=layout,
+        grid=_grid(records, rewards),
     )

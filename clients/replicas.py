@@ -34,11 +34,11 @@ from typing import Any, TypeVar
 import grpc
 
 from clients._wire import Encoding, ImageInput, Images, check_host_port, not_ready
-from clients.client import RewardClient, ScoreStream
+from clients.client import RewardClient
 from clients.errors import RewardServiceError, ServiceUnavailableError
 from clients.triton import SCHEME as TRITON_SCHEME
-from clients.triton import TritonRewardClient, TritonScoreStream
-from clients.types import BatchResult, ItemResult, RewardInfo
+from clients.triton import TritonRewardClient
+from clients.types import BatchResult, ItemResult, RewardClientLike, RewardInfo, ScoreStreamLike
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +55,7 @@ TRANSIENT_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 )
 
-Replica = RewardClient | TritonRewardClient
 T = TypeVar("T")
-ReplicaStream = ScoreStream | TritonScoreStream
 
 
 def expand_endpoints(server: str) -> list[tuple[str, str | None]]:
@@ -128,14 +126,14 @@ class ReplicaSet:
             "auth_token": auth_token,
         }
         self._lock = threading.Lock()
-        self._clients: dict[str, Replica] = {}
+        self._clients: dict[str, RewardClientLike] = {}
         self._closed = False
         self._resolved_at = 0.0
         self._in_flight: dict[str, int] = {}
         self._turn = 0
         self.addresses()  # validates the address and opens the clients
 
-    def _open(self, address: str, server_name: str | None) -> Replica:
+    def _open(self, address: str, server_name: str | None) -> RewardClientLike:
         if address.startswith(TRITON_SCHEME):
             return TritonRewardClient(address, **self._options)
         return RewardClient(address, tls_server_name=server_name, **self._options)
@@ -153,7 +151,7 @@ class ReplicaSet:
                     self._clients[address] = self._open(address, server_name)
             return list(self._clients)
 
-    def client(self, address: str) -> Replica:
+    def client(self, address: str) -> RewardClientLike:
         return self._clients[address]
 
     def __enter__(self) -> ReplicaSet:
@@ -238,14 +236,10 @@ class ReplicaSet:
         """``RewardClient.score`` on the replica with the fewest items in flight; another one if it is UNAVAILABLE."""
         count = len(images)
 
-        def call(client: Replica, address: str) -> BatchResult:
+        def call(client: RewardClientLike, address: str) -> BatchResult:
             with self._lock:
                 self._in_flight[address] = self._in_flight.get(address, 0) + count
             try:
-                if isinstance(client, TritonRewardClient):
-                    if weights is not None:
-                        raise ValueError("weights (a per-request composite) are not available through Triton")
-                    return client.score(reward, images, prompts, metadata, ids, encoding, timeout)
                 return client.score(reward, images, prompts, metadata, ids, encoding, timeout, weights)
             finally:
                 with self._lock:
@@ -291,7 +285,7 @@ class _Lane:
     """One replica's ScoreStream within a BalancedStream, and a thread that hands over its answers (at once, so that
     the balance sees them) and reports its end."""
 
-    def __init__(self, address: str, stream: ReplicaStream, owner: BalancedStream) -> None:
+    def __init__(self, address: str, stream: ScoreStreamLike, owner: BalancedStream) -> None:
         self.address = address
         self.stream = stream
         self.outstanding: set[str] = set()

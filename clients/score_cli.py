@@ -23,17 +23,17 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clients.connect import AnyRewardClient, check_address, open_client
+from clients.cli_support import EXIT_FAILED, EXIT_OK, EXIT_SERVICE, Service, add_service_arguments
+from clients.connect import check_rewards
 from clients.errors import RewardServiceError
-from clients.evaluation import ImageRecord, call_error, check_rewards, now, parse_reward_list, write_evaluation
-from clients.replicas import ADDRESS_FORMS
+from clients.evaluation import ImageRecord, call_error, evaluation_settings, parse_reward_list, write_evaluation
 from clients.types import EncodedImage, ItemResult
 
-EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_SERVICE = 0, 1, 2, 3
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg"}
 PROMPT_SOURCES = ("auto", "metadata", "sidecar", "filename", "none")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddpo score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("files", nargs="*", type=Path, metavar="FILE", help="PNG or JPEG images")
+    parser.add_argument("files", nargs="*", type=image_file_argument, metavar="FILE", help="PNG or JPEG images")
     parser.add_argument("--images", type=Path, metavar="DIR", help="score every PNG/JPEG file in DIR instead")
     parser.add_argument("--out", type=Path, metavar="OUTDIR", help="with --images: where the outputs go")
     parser.add_argument(
@@ -53,24 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PROMPT_SOURCES,
         help="with --images: where each image's prompt comes from (default auto)",
     )
-    parser.add_argument("--server", default="127.0.0.1:50051", help=ADDRESS_FORMS)
     parser.add_argument(
-        "--reward", required=True, help="reward name (see the server's ListRewards); with --images: A[,B...]"
+        "--reward", required=True, help="reward name (`ddpo rewards` lists them); with --images: A[,B...]"
     )
     parser.add_argument("--prompt", help="prompt sent with every image (for rewards that need one)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
-    parser.add_argument("--timeout", type=float, default=60.0, help="deadline of the call in seconds")
-    parser.add_argument("--tls", action="store_true", help="connect with TLS")
-    parser.add_argument("--root-certificates", type=Path, help="PEM file of trusted roots (with --tls)")
-    parser.add_argument("--auth-token-file", type=Path, help="file holding the server's bearer token")
+    add_service_arguments(parser)
     return parser
 
 
-def _connect(args: argparse.Namespace, token: str | None) -> AnyRewardClient:
-    tls = args.tls or None
-    return open_client(
-        args.server, timeout=args.timeout, tls=tls, root_certificates=args.root_certificates, auth_token=token
-    )
+def image_file_argument(text: str) -> Path:
+    """A FILE argument; a folder is refused (exit 2) with the flag that scores one."""
+    if Path(text).is_dir():
+        folder = shlex.quote(text)
+        raise argparse.ArgumentTypeError(
+            f"{folder} is a folder; to score every image in it, use --images {folder} --out OUTDIR"
+        )
+    return Path(text)
 
 
 def read_image_file(path: Path) -> EncodedImage:
@@ -104,11 +103,7 @@ def _print(file: Path, reward: str, result: ItemResult | None, error: str | None
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        token = args.auth_token_file.read_text().strip() if args.auth_token_file else None
-        check_address(args.server)
-    except (OSError, ValueError) as error:
-        parser.error(str(error))
+    service = Service.from_args(parser, args)
     if args.images is not None:
         if args.files:
             parser.error("give image FILEs or --images DIR, not both")
@@ -116,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--images needs --out OUTDIR for results.jsonl, summary.json and report.html")
         if args.prompt is not None:
             parser.error("--prompt goes with FILEs; with --images use --prompts-from")
-        return score_folder(parser, args, token)
+        return score_folder(parser, args, service)
     if not args.files:
         parser.error("give image FILEs, or --images DIR")
     for flag, value in (("--out", args.out), ("--prompts-from", args.prompts_from)):
@@ -132,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[Path, ItemResult] = {}
     if images:
         try:
-            with _connect(args, token) as client:
+            with service.open() as client:
                 batch = client.score(
                     args.reward,
                     list(images.values()),
@@ -145,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in args.files:
         _print(path, args.reward, results.get(path), read_errors.get(path), args.json)
     failed = len(read_errors) + sum(not r.ok for r in results.values())
-    return EXIT_ITEMS_FAILED if failed else EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------------- --images DIR
@@ -236,7 +231,7 @@ def folder_records(files: Sequence[Path], prompts: Sequence[str | None], out: Pa
     return records
 
 
-def score_folder(parser: argparse.ArgumentParser, args: argparse.Namespace, token: str | None) -> int:
+def score_folder(parser: argparse.ArgumentParser, args: argparse.Namespace, service: Service) -> int:
     """``ddpo score --images DIR``: see the module docstring."""
     folder: Path = args.images
     try:
@@ -264,7 +259,7 @@ def score_folder(parser: argparse.ArgumentParser, args: argparse.Namespace, toke
     results: dict[tuple[int, str], ItemResult] = {}
     failure: RewardServiceError | None = None  # a call that failed as a whole: scoring stops there
     try:
-        with _connect(args, token) as client:
+        with service.open() as client:
             check_rewards(client, args.server, rewards, args.timeout)
             order = list(images)
             for start in range(0, len(order), _CHUNK):
@@ -288,15 +283,9 @@ def score_folder(parser: argparse.ArgumentParser, args: argparse.Namespace, toke
             for reward in rewards:
                 if reward not in record.rewards:
                     record.add_error(reward, call_error(failure))
-    settings = {
-        "command": "ddpo score --images",
-        "images": str(folder),
-        "prompts_from": source,
-        "seed": None,
-        "rewards": rewards,
-        "reward_server": args.server,
-        "created": now(),
-    }
+    settings = evaluation_settings(
+        "ddpo score --images", rewards, args.server, images=str(folder), prompts_from=source, seed=None
+    )
     write_evaluation(args.out, records, rewards, settings)
     failed = 0
     for i, (path, record) in enumerate(zip(files, records, strict=True)):
@@ -308,4 +297,4 @@ def score_folder(parser: argparse.ArgumentParser, args: argparse.Namespace, toke
     if failure is not None:
         print(f"ddpo score: the reward service failed, stopped early: {failure}", file=sys.stderr)
         return EXIT_SERVICE
-    return EXIT_ITEMS_FAILED if failed else EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK

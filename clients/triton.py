@@ -53,7 +53,10 @@ def _tritonclient() -> Any:
     try:
         import tritonclient.grpc
     except ImportError:
-        raise ImportError("triton:// addresses need tritonclient: pip install 'ddpo[triton]'") from None
+        from clients.cli_support import missing_extra_message  # not at the top: cli_support imports this module
+
+        message = missing_extra_message("a triton:// address", "tritonclient", "triton")
+        raise ModuleNotFoundError(message, name="tritonclient") from None
     return tritonclient.grpc
 
 
@@ -190,8 +193,17 @@ class TritonRewardClient:
         ids: Sequence[str] | None = None,
         encoding: Encoding = "raw",
         timeout: float | None = None,
+        weights: Mapping[str, float] | None = None,
     ) -> BatchResult:
-        """Score a batch; results are in the order of ``images``. Per-item failures are in the result."""
+        """Score a batch; results are in the order of ``images``. Per-item failures are in the result.
+
+        ``weights`` (a composite computed per request) is ``RewardClient``'s; Triton has no such request, so anything
+        but None is a ValueError."""
+        if weights is not None:
+            raise ValueError(
+                "weights (a composite computed per request) are not available through Triton: call each reward and "
+                "add the scores up, or use a ddpo server (`ddpo serve`), which computes composites"
+            )
         batch = checked_items(reward, images, prompts, metadata, ids, encoding, taken=set())
         results = self._score_batch(batch, self.timeout if timeout is None else timeout)
         return BatchResult(order_results(batch.items, results))

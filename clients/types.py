@@ -1,10 +1,11 @@
-"""What the client returns: plain dataclasses, no protobuf."""
+"""What the client returns: plain dataclasses, no protobuf; and ``RewardClientLike``, the API every blocking client
+has."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import grpc
 import numpy as np
@@ -12,6 +13,9 @@ import numpy.typing as npt
 
 from clients.errors import ItemsFailedError
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
+
+if TYPE_CHECKING:
+    from clients._wire import Encoding, Images
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -125,3 +129,49 @@ class BatchResult:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+class ScoreStreamLike(Protocol):
+    """A stream of score requests, as ``RewardClientLike.open_stream`` opens it (``clients.client.ScoreStream``)."""
+
+    def send(
+        self,
+        reward: str,
+        images: Images,
+        prompts: Sequence[str | None] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        ids: Sequence[str] | None = None,
+        encoding: Encoding = "raw",
+    ) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+    def cancel(self) -> None: ...
+
+    def results(self) -> Iterator[ItemResult]: ...
+
+
+class RewardClientLike(Protocol):
+    """The blocking client API: ``RewardClient`` (gRPC), ``TritonRewardClient`` and ``ReplicaSet`` (any number of
+    either) all have it, so code written against it takes any of them (``clients.client.RewardClient`` documents each
+    method)."""
+
+    def close(self) -> None: ...
+
+    def wait_ready(self, timeout: float = 30.0, rewards: Iterable[str] | None = None) -> None: ...
+
+    def list_rewards(self, timeout: float | None = None) -> list[RewardInfo]: ...
+
+    def score(
+        self,
+        reward: str,
+        images: Images,
+        prompts: Sequence[str | None] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        ids: Sequence[str] | None = None,
+        encoding: Encoding = "raw",
+        timeout: float | None = None,
+        weights: Mapping[str, float] | None = None,
+    ) -> BatchResult: ...
+
+    def open_stream(self, progress_timeout: float | None = None) -> ScoreStreamLike: ...

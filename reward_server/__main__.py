@@ -1,7 +1,7 @@
-"""``python -m reward_server``: the same as ``ddpo serve``."""
+"""``python -m reward_server``: the same as ``ddpo serve`` (a missing extra is one line, as there)."""
 
 import sys
 
-from reward_server.cli import main
+from clients.cli import main
 
-sys.exit(main())
+sys.exit(main(["serve", *sys.argv[1:]]))

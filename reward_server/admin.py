@@ -2,13 +2,14 @@
 
 Every call must carry the admin token as ``authorization: Bearer <token>``: none gives UNAUTHENTICATED, another
 token PERMISSION_DENIED. A server started without ``admin_token_file`` refuses every admin call (PERMISSION_DENIED),
-so runtime registration is off unless asked for. The work itself is the server's (``RewardServer.register_endpoint``).
+so runtime registration is off unless asked for. ``reward_server.endpoints`` does the registering, and the listing
+comes from the server's ``RewardRegistry``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -16,31 +17,22 @@ from google.protobuf import json_format
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
 from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
 from reward_server.composite import COMPOSITE
+from reward_server.endpoints import EndpointError, RuntimeEndpoints
 from reward_server.plugins import plugin_module
+from reward_server.registry import RewardRegistry
 from reward_server.rewards.remote import REMOTE
 from reward_server.service import abort, bearer_token_problem
 from reward_server.wire import spec_to_proto
-
-if TYPE_CHECKING:
-    from reward_server.server import RewardServer
 
 log = logging.getLogger(__name__)
 
 ADMIN_SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["RewardAdmin"].full_name
 
 
-class EndpointError(Exception):
-    """An admin request the server cannot carry out, with the status code to answer."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 class RewardAdminServicer(pb_grpc.RewardAdminServicer):
-    def __init__(self, server: RewardServer, token: str | None) -> None:
-        self._server = server
+    def __init__(self, registry: RewardRegistry, endpoints: RuntimeEndpoints, token: str | None) -> None:
+        self._registry = registry
+        self._endpoints = endpoints
         self._expected = f"Bearer {token}".encode() if token is not None else None
 
     async def RegisterEndpoint(
@@ -50,7 +42,7 @@ class RewardAdminServicer(pb_grpc.RewardAdminServicer):
         endpoint = request.endpoint
         options = {key: _whole_numbers(value) for key, value in json_format.MessageToDict(endpoint.options).items()}
         try:
-            spec = await self._server.register_endpoint(endpoint.name, endpoint.url, options, request.replace)
+            spec = await self._endpoints.register(endpoint.name, endpoint.url, options, request.replace)
         except EndpointError as error:
             await abort(context, error.code, error.message)
         return pb.RegisterEndpointResponse(spec=spec_to_proto(spec))
@@ -60,7 +52,7 @@ class RewardAdminServicer(pb_grpc.RewardAdminServicer):
     ) -> pb.UnregisterEndpointResponse:
         await self._authorize(context)
         try:
-            await self._server.unregister_endpoint(request.name)
+            await self._endpoints.unregister(request.name)
         except EndpointError as error:
             await abort(context, error.code, error.message)
         return pb.UnregisterEndpointResponse()
@@ -69,19 +61,19 @@ class RewardAdminServicer(pb_grpc.RewardAdminServicer):
         self, request: pb.AdminListRewardsRequest, context: grpc.aio.ServicerContext
     ) -> pb.AdminListRewardsResponse:
         await self._authorize(context)
-        server = self._server
+        registry = self._registry
         entries = []
-        for name in sorted(server.specs):
-            config = server.configs.get(name)
+        for name in sorted(registry.specs):
+            config = registry.config(name)
             reward_type = config.type if config is not None else ""  # a reward object given to RewardServer in-process
             entries.append(
                 pb.RewardEntry(
-                    spec=spec_to_proto(server.specs[name]),
+                    spec=spec_to_proto(registry.specs[name]),
                     source=_source(reward_type),
                     type=reward_type,
                     url=str(config.options.get("url", "")) if config is not None else "",
-                    runtime=name in server.runtime_endpoints,
-                    state=server.reward_state(name),
+                    runtime=registry.is_runtime_endpoint(name),
+                    state=registry.state(name),
                 )
             )
         return pb.AdminListRewardsResponse(rewards=entries)

@@ -6,23 +6,33 @@ import argparse
 import asyncio
 import dataclasses
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+from clients.cli_support import EXIT_FAILED, EXIT_OK, read_token_file
 from reward_server.config import ConfigError, RewardConfig, ServerConfig, load_config, load_plugins
 from reward_server.logs import configure_logging
 from reward_server.plugins import reward_types
 from reward_server.server import RewardServer, serve
 
 DEFAULT_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
+EXAMPLES = """\
+examples:
+  ddpo serve --rewards jpeg_compressibility,jpeg_incompressibility --port 50051 --metrics-port 9090
+  ddpo serve --config rewards.toml --host 0.0.0.0 --auth-token-file /run/secrets/ddpo-token
+  ddpo serve --frontend pytriton --config rewards.toml --port 8001 --http-port 8000
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddpo serve",
         description="Serve rewards over gRPC (ddpo.reward.v1.RewardService).",
-        epilog=f"Reward types: {', '.join(reward_types())} (and those of --plugin modules). "
-        "Flags override the config file.",
+        epilog=f"{EXAMPLES}\n"
+        + textwrap.fill(f"Reward types: {', '.join(reward_types())} (and those of --plugin modules).", 100)
+        + "\nFlags override the config file.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_reward_arguments(parser, "serve")
     parser.add_argument("--host", help="interface to bind (default 127.0.0.1: this machine only)")
@@ -140,7 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-    except ConfigError as error:
+        for key in ("auth_token_file", "admin_token_file"):  # a bad token file is bad usage, found before any loading
+            if (path := getattr(config, key)) is not None:
+                read_token_file(path, f"--{key.replace('_', '-')}" if getattr(args, key) else f"[server] {key}")
+    except (ConfigError, ValueError) as error:
         parser.error(str(error))
     if args.http_port is not None and args.frontend != "pytriton":
         parser.error("--http-port is for --frontend pytriton")
@@ -156,5 +169,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(serve(config, on_started=_announce))
     except (ValueError, OSError, RuntimeError) as error:
         print(f"ddpo serve: {error}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK

@@ -21,29 +21,31 @@
     type = "composite"
     weights = { jpeg_compressibility = 1.0, judge = 0.5 }
 
-Every key is checked: an unknown key is an error that lists the known ones.
+Every key is checked (``clients.typed_config``): an unknown key is an error that lists the known ones and suggests
+the one meant, where one is close.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from clients.typed_config import ConfigError as ConfigError  # re-exported: callers catch reward_server's ConfigError
+from clients.typed_config import (
+    UnknownKeyError,
+    WrongTypeError,
+    check_fields,
+    config_format,
+    parse_config_text,
+    reject_unknown,
+)
 from reward_server.batching import BatchingConfig
 from reward_server.composite import COMPOSITE, check_weights
 from reward_server.plugins import PluginError, load_plugin, reward_types
 
 MiB = 1 << 20
-
-
-class ConfigError(ValueError):
-    """A configuration file or flag that cannot be used, with the reason and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,35 +142,27 @@ _LIST_KEYS = {"plugins"}
 BATCHING_KEYS = {f.name for f in dataclasses.fields(BatchingConfig)}
 _REWARD_KEYS = {"type", "options", "max_image_size"} | BATCHING_KEYS
 _COMPOSITE_KEYS = {"type", "weights"}
-_PATH_KEYS = ("tls_cert", "tls_key", "auth_token_file", "admin_token_file", "endpoints_file")
 
 
-# What a TOML/YAML value may be for each annotated type (paths are written as strings).
-_ACCEPTED_VALUES: dict[Any, tuple[type, ...]] = {
-    int: (int,),
-    float: (int, float),
-    str: (str,),
-    bool: (bool,),
-    Path: (str,),
-    type(None): (type(None),),
-}
+def _check_fields(section: str, cls: type[Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """``typed_config.check_fields``, a wrong type worded as the server's errors are: "[server] port must be int, got
+    str 'fast'"."""
+    try:
+        return check_fields(cls, values, prefix=f"{section} ")
+    except WrongTypeError as error:
+        got = f"{type(error.value).__name__} {error.value!r}"
+        raise ConfigError(f"{error.key} must be {error.expected}, got {got}") from None
 
 
-def _check_types(section: str, values: Mapping[str, Any], cls: type) -> None:
-    """Reject values whose type does not match the dataclass field, naming the key."""
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        hint = hints[key]
-        accepted = tuple(t for arg in (typing.get_args(hint) or (hint,)) for t in _ACCEPTED_VALUES.get(arg, (object,)))
-        if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
-            names = " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in accepted}))
-            raise ConfigError(f"{section} {key} must be {names}, got {type(value).__name__} {value!r}")
-
-
-def _reject_unknown(section: str, given: Mapping[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise ConfigError(f"{section}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+def _reject_unknown(section: str, given: Mapping[str, Any], known: Collection[str]) -> None:
+    """``typed_config.reject_unknown`` worded as the server's errors are: every unknown key, then the known ones."""
+    try:
+        reject_unknown(given, known)
+    except UnknownKeyError as error:
+        raise ConfigError(
+            f"{section}: unknown key(s) {', '.join(error.unknown)}; known keys: {', '.join(error.known)}"
+            f"{error.did_you_mean}"
+        ) from None
 
 
 def reward_table(config: RewardConfig) -> dict[str, Any]:
@@ -217,8 +211,7 @@ def reward_config(name: str, table: Any) -> RewardConfig:
         ):
             raise ConfigError(f"{section}.max_image_size must be [height, width] in pixels, got {max_image_size!r}")
         max_image_size = (max_image_size[0], max_image_size[1])
-    batching_values = {k: v for k, v in table.items() if k in BATCHING_KEYS}
-    _check_types(section, batching_values, BatchingConfig)
+    batching_values = _check_fields(section, BatchingConfig, {k: v for k, v in table.items() if k in BATCHING_KEYS})
     try:
         batching = BatchingConfig(**batching_values)
     except (TypeError, ValueError) as error:
@@ -238,15 +231,17 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> ServerConfi
     if not isinstance(server, Mapping) or not isinstance(rewards, Mapping):
         raise ConfigError(f"{source}: [server] and [rewards] must be tables")
     _reject_unknown(f"{source} [server]", server, _SERVER_KEYS)
-    _check_types(f"{source} [server]", {k: v for k, v in server.items() if k not in _LIST_KEYS}, ServerConfig)
-    paths = {k: Path(v) for k, v in server.items() if k in _PATH_KEYS}
+    settings = _check_fields(
+        f"{source} [server]", ServerConfig, {k: v for k, v in server.items() if k not in _LIST_KEYS}
+    )
     plugins = server.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(module, str) for module in plugins):
         raise ConfigError(f"{source} [server] plugins must be a list of module names, got {plugins!r}")
     load_plugins(plugins, f"{source} [server] plugins")
     try:
         return ServerConfig(
-            **{**server, **paths, "plugins": tuple(plugins)},
+            **settings,
+            plugins=tuple(plugins),
             rewards=tuple(reward_config(str(name), table) for name, table in rewards.items()),
         )
     except TypeError as error:
@@ -268,13 +263,11 @@ def load_config(path: Path) -> ServerConfig:
         text = path.read_text()
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    form = config_format(path)
+    if form is None:
+        raise ConfigError(f"config file {path} must end in .toml, .yaml or .yml")
     try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
-        else:
-            raise ConfigError(f"config file {path} must end in .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        data = parse_config_text(text, form)
+    except ConfigError as error:
         raise ConfigError(f"cannot parse config file {path}: {error}") from None
-    return parse_config(data or {}, source=str(path))
+    return parse_config(data, source=str(path))

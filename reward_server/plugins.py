@@ -20,21 +20,29 @@ packages declare in the ``ddpo.rewards`` entry-point group, imported when a rewa
     brightness = "my_rewards:brightness"
 
 Anything that goes wrong (an import error, a broken contract) raises ``PluginError`` at startup, naming the plugin.
+
+The types themselves are kept in ``reward_server.rewards.catalog``, next to the built-in ones.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import inspect
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from reward_server.rewards import BUILTIN_REWARD_TYPES
 from reward_server.rewards.base import ImageSpec, ItemError, Metadata, Reward, RewardOutput, RewardSpec
+from reward_server.rewards.catalog import (
+    ENTRY_POINT_GROUP,
+    PluginError,
+    check_name,
+    plugin_module,
+    register_type,
+    reward_types,
+    types_registered_by,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -46,40 +54,13 @@ __all__ = [
     "RewardOutput",
     "RewardSpec",
     "load_plugin",
+    "plugin_module",
     "register_reward_type",
     "reward",
+    "reward_types",
 ]
 
-ENTRY_POINT_GROUP = "ddpo.rewards"
-# Served names become health-service names ("reward/NAME") and Triton model names.
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 _BATCH_PARAMETERS = ("images", "prompts", "metadata")
-
-RewardFactory = Callable[..., Reward]
-# type name -> (factory(name, **options), the module that registered it, or None for built-ins)
-_registry: dict[str, tuple[RewardFactory, str | None]] = {name: (f, None) for name, f in BUILTIN_REWARD_TYPES.items()}
-
-
-class PluginError(ValueError):
-    """A plugin that cannot be used: it does not import, or it breaks the reward contract."""
-
-
-def check_name(name: object, what: str) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise PluginError(
-            f"{what} {name!r} is not a valid reward name: start with a letter, then letters, digits, '_', '.' or '-' "
-            "(at most 64 characters)"
-        )
-    return name
-
-
-def _register(type_name: str, factory: RewardFactory, module: str) -> None:
-    check_name(type_name, "reward type")
-    known = _registry.get(type_name)
-    if known is not None and known[1] != module:
-        origin = "a built-in reward" if known[1] is None else f"module {known[1]!r}"
-        raise PluginError(f"module {module!r} registers reward type {type_name!r}, which {origin} already registers")
-    _registry[type_name] = (factory, module)
 
 
 def register_reward_type(type_name: str) -> Callable[[type[Reward]], type[Reward]]:
@@ -94,7 +75,7 @@ def register_reward_type(type_name: str) -> Callable[[type[Reward]], type[Reward
                 f"reward type {type_name!r}: {cls.__qualname__}.__init__ must take the served name first, "
                 f"as __init__(self, name, **options); it takes ({', '.join(parameters)})"
             )
-        _register(type_name, cls, cls.__module__)
+        register_type(type_name, cls, cls.__module__)
         return cls
 
     return register
@@ -169,7 +150,7 @@ def reward(
         build.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD), *options]
         )
-        _register(name, build, function.__module__)
+        register_type(name, build, function.__module__)
         return function
 
     return register
@@ -177,54 +158,17 @@ def reward(
 
 def load_plugin(module: str) -> list[str]:
     """Import a plugin module; returns the reward types it registered. PluginError if it fails or registers none."""
-    before = {type_name for type_name, (_, origin) in _registry.items() if origin == module}
+    before = types_registered_by(module)
     try:
         importlib.import_module(module)
     except PluginError:
         raise
     except Exception as error:
         raise PluginError(f"plugin {module!r} failed to import: {type(error).__name__}: {error}") from error
-    registered = sorted(type_name for type_name, (_, origin) in _registry.items() if origin == module)
+    registered = types_registered_by(module)
     if not registered and not before:
         raise PluginError(
             f"plugin {module!r} imported but registered no reward type; decorate a function with "
             "@reward_server.plugins.reward(...) or a Reward subclass with @register_reward_type(...)"
         )
     return registered
-
-
-def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
-    return {entry.name: entry for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def reward_types() -> list[str]:
-    """Every reward type that can be configured: built-in, loaded plugins, and installed entry points."""
-    return sorted(set(_registry) | set(_entry_points()))
-
-
-def plugin_module(type_name: str) -> str | None:
-    """The module that registered ``type_name`` (None for built-ins and types not loaded yet)."""
-    known = _registry.get(type_name)
-    return known[1] if known is not None else None
-
-
-def reward_factory(type_name: str) -> RewardFactory:
-    """The factory of ``type_name``, importing the installed package that declares it when needed."""
-    if type_name not in _registry:
-        entry = _entry_points().get(type_name)
-        if entry is None:
-            raise ValueError(f"unknown reward type {type_name!r}; known types: {', '.join(reward_types())}")
-        package = f" (package {entry.dist.name})" if entry.dist is not None else ""
-        what = f"entry point {type_name} = {entry.value!r} in group {ENTRY_POINT_GROUP!r}{package}"
-        try:
-            entry.load()
-        except PluginError as error:
-            raise PluginError(f"{what}: {error}") from error
-        except Exception as error:
-            raise PluginError(f"{what} failed to import: {type(error).__name__}: {error}") from error
-        if type_name not in _registry:
-            raise PluginError(
-                f"{what} imported but did not register reward type {type_name!r}; the entry point's name must be "
-                "the name given to @reward(name=...) or @register_reward_type(...)"
-            )
-    return _registry[type_name][0]

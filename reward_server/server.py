@@ -8,21 +8,20 @@
 
 Besides the configured rewards, the server serves named composites (``reward_server.composite``) once their
 components have loaded, and remote endpoints registered at runtime through the RewardAdmin service
-(``reward_server.admin``), which it saves to ``endpoints_file`` and serves again after a restart. The health of remote
-endpoints is checked every ``health_interval_s`` and mirrored in this server's health service.
+(``reward_server.admin``), which ``reward_server.endpoints`` saves to ``endpoints_file`` and the server serves again
+after a restart. What is offered, and in what state, is in one ``RewardRegistry`` (``reward_server.registry``), which
+the RewardService and RewardAdmin servicers read. The health of remote endpoints is checked every
+``health_interval_s`` and mirrored in this server's health service.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
-import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -32,57 +31,25 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from clients._wire import KEEPALIVE_TIME_MS
-from clients.errors import RewardServiceError
+from clients.cli_support import read_token_file
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
 from clients.generated.ddpo.reward.v1 import reward_pb2_grpc as pb_grpc
-from reward_server.admin import ADMIN_SERVICE_NAME, EndpointError, RewardAdminServicer
-from reward_server.batching import BatchingConfig, RewardWorker
-from reward_server.composite import COMPOSITE, CompositeScorer, composite_description
-from reward_server.config import (
-    BATCHING_KEYS,
-    ConfigError,
-    MiB,
-    RewardConfig,
-    ServerConfig,
-    parse_config,
-    reward_config,
-    reward_table,
-)
+from reward_server.admin import ADMIN_SERVICE_NAME, RewardAdminServicer
+from reward_server.batching import BatchingConfig
+from reward_server.builder import build_rewards
+from reward_server.composite import COMPOSITE
+from reward_server.config import MiB, ServerConfig
+from reward_server.endpoints import RuntimeEndpoints, read_endpoints_file
 from reward_server.metrics import ServerMetrics
-from reward_server.plugins import PluginError, check_name
 from reward_server.ports import check_free
-from reward_server.rewards import Reward, RewardSpec, build_reward
-from reward_server.rewards.remote import REMOTE, RemoteReward
-from reward_server.service import (
-    LOADING,
-    DecodeLimits,
-    RewardServicer,
-    Scorer,
-    bearer_token_problem,
-    reward_health_name,
-)
+from reward_server.registry import RewardRegistry, reward_health_name
+from reward_server.rewards import Reward, RewardSpec
+from reward_server.service import DecodeLimits, RewardServicer, bearer_token_problem
 
 log = logging.getLogger(__name__)
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
-
-
-def build_rewards(configs: Sequence[RewardConfig]) -> list[tuple[Reward, BatchingConfig]]:
-    """Construct the configured rewards (not yet loaded), applying per-reward image limits. Composites are not
-    reward objects: the server builds them from the others."""
-    built = []
-    for config in configs:
-        if config.type == COMPOSITE:
-            continue
-        reward = build_reward(config.type, config.name, config.options)
-        if config.max_image_size is not None:
-            spec = reward.spec
-            own_h, own_w = spec.image_spec.max_size
-            limit = (min(own_h, config.max_image_size[0]), min(own_w, config.max_image_size[1]))
-            reward.spec = dataclasses.replace(spec, image_spec=dataclasses.replace(spec.image_spec, max_size=limit))
-        built.append((reward, config.batching))
-    return built
 
 
 class _BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -122,23 +89,16 @@ class RewardServer:
         config's composites and the endpoints saved in its ``endpoints_file``."""
         self.config = config
         saved = read_endpoints_file(config.endpoints_file, {r.name for r in config.rewards})
-        self.configs = {c.name: c for c in (*config.rewards, *saved)}
-        self.runtime_endpoints = {c.name for c in saved}
-        plain = [c for c in self.configs.values() if c.type != COMPOSITE]
+        plain = [c for c in (*config.rewards, *saved) if c.type != COMPOSITE]
         self._rewards = list(rewards) if rewards is not None else build_rewards(plain)
         if not self._rewards:
             raise ValueError("no rewards to serve; name some with --rewards or in the config file")
-        self.composites = {c.name: dict(c.weights or {}) for c in self.configs.values() if c.type == COMPOSITE}
         self.metrics = ServerMetrics()
         self.health = HealthServicer()
-        self.specs: dict[str, RewardSpec] = {reward.spec.name: reward.spec for reward, _ in self._rewards}
-        for name, weights in self.composites.items():  # provisional until the components have loaded
-            self.specs[name] = RewardSpec(name, composite_description(weights), "1", "")
-        self.scorers: dict[str, Scorer] = {}
-        # name -> why it cannot score yet: "is still loading", then removed, or "failed to load: ..."
-        self.unavailable: dict[str, str] = {name: LOADING for name in self.specs}
-        # remote endpoint name -> why it is not serving now (health_interval_s checks)
-        self.endpoint_problems: dict[str, str] = {}
+        self.registry = RewardRegistry(
+            (reward.spec for reward, _ in self._rewards), config.rewards, self.health, self.metrics, saved
+        )
+        self._endpoints = RuntimeEndpoints(self.registry, config.endpoints_file)
         self.loaded = asyncio.Event()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -148,11 +108,15 @@ class RewardServer:
             max_request_bytes=config.max_request_decoded_mb * MiB,
             max_in_flight_bytes=config.max_decoded_mb_in_flight * MiB,
         )
-        self._servicer = RewardServicer(self.scorers, self.specs, self.unavailable, self.metrics, limits)
+        self._servicer = RewardServicer(self.registry, self.metrics, limits)
         self._metrics_http: Any = None
         self._loading: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
-        self._admin_lock = asyncio.Lock()
+
+    @property
+    def specs(self) -> Mapping[str, RewardSpec]:
+        """Every reward the server offers, by name, whether it serves yet or not."""
+        return self.registry.specs
 
     async def start(self) -> None:
         """Bind and serve at once; rewards load in the background (``loaded`` is set when all have tried).
@@ -161,13 +125,13 @@ class RewardServer:
         until every reward has loaded or failed. A reward that fails to load stays NOT_SERVING, its calls get
         FAILED_PRECONDITION with the reason, the log says why, and the other rewards serve.
         """
-        for service in ("", SERVICE_NAME, *(reward_health_name(name) for name in self.specs)):
+        for service in ("", SERVICE_NAME, *(reward_health_name(name) for name in self.registry.specs)):
             await self.health.set(service, NOT_SERVING)
         config = self.config
         max_bytes = config.max_message_mb * MiB
         interceptors = []
         if config.auth_token_file is not None:
-            interceptors.append(_BearerTokenInterceptor(_read_token(config.auth_token_file)))
+            interceptors.append(_BearerTokenInterceptor(read_token_file(config.auth_token_file, "auth_token_file")))
         server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
@@ -180,8 +144,14 @@ class RewardServer:
             ],
         )
         server.add_generic_rpc_handlers((self._servicer.handler(),))
-        admin_token = _read_token(config.admin_token_file) if config.admin_token_file is not None else None
-        pb_grpc.add_RewardAdminServicer_to_server(RewardAdminServicer(self, admin_token), server)
+        admin_token = (
+            read_token_file(config.admin_token_file, "admin_token_file")
+            if config.admin_token_file is not None
+            else None
+        )
+        pb_grpc.add_RewardAdminServicer_to_server(
+            RewardAdminServicer(self.registry, self._endpoints, admin_token), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         # RewardAdmin answers (PERMISSION_DENIED, naming the flag) but is not advertised unless it is enabled
@@ -211,7 +181,7 @@ class RewardServer:
             "listening; rewards load in the background",
             extra={
                 "address": f"{config.host}:{self.port}",
-                "rewards": sorted(self.specs),
+                "rewards": sorted(self.registry.specs),
                 "tls": config.tls_cert is not None,
                 "auth": config.auth_token_file is not None,
                 "admin": config.admin_token_file is not None,
@@ -224,6 +194,7 @@ class RewardServer:
     async def _load_rewards(self) -> None:
         """Load the rewards one after another (no two models compete for memory), each off the event loop; each
         serves as soon as it is ready."""
+        registry = self.registry
         for reward, batching in self._rewards:
             name = reward.spec.name
             started = time.perf_counter()
@@ -231,11 +202,11 @@ class RewardServer:
                 await asyncio.to_thread(reward.load)
             except Exception as error:
                 reason = f"{type(error).__name__}: {error}"
-                self.unavailable[name] = f"failed to load: {reason}"
+                registry.fail(name, reason)
                 log.error("reward failed to load", extra={"reward": name, "error": reason})
-                await self._start_composites()  # fails the composites that use it
+                await registry.start_composites()  # fails the composites that use it
                 continue
-            worker = await self._serve_reward(reward, batching)
+            worker = await registry.serve(reward, batching)
             log.info(
                 "reward loaded",
                 extra={
@@ -246,157 +217,23 @@ class RewardServer:
                     "batching": dataclasses.asdict(batching),
                 },
             )
-            await self._start_composites()
-        if self.scorers:
+            await registry.start_composites()
+        if registry.scorers:
             for service in ("", SERVICE_NAME):
                 await self.health.set(service, SERVING)
-        log.info("serving", extra={"rewards": sorted(self.scorers), "unavailable": dict(self.unavailable)})
+        log.info("serving", extra={"rewards": sorted(registry.scorers), "unavailable": registry.unavailable()})
         self.loaded.set()
-
-    async def _serve_reward(self, reward: Reward, batching: BatchingConfig) -> RewardWorker:
-        """Start scoring a loaded reward."""
-        name = reward.spec.name
-        worker = RewardWorker(reward, batching, self.metrics)
-        worker.start()
-        self.scorers[name] = worker
-        self.specs[name] = reward.spec  # a remote reward's spec is known once it has loaded
-        self.unavailable.pop(name, None)
-        await self.health.set(reward_health_name(name), SERVING)
-        return worker
-
-    async def _start_composites(self) -> None:
-        """Serve each composite whose components all serve now; fail those with a failed component."""
-        for name, weights in self.composites.items():
-            if name in self.scorers or self.unavailable.get(name) != LOADING:
-                continue
-            failed = [f"{c!r} {self.unavailable[c]}" for c in weights if self.unavailable.get(c, LOADING) != LOADING]
-            if failed:
-                self.unavailable[name] = f"failed to load: component {failed[0]}"
-                continue
-            if any(c not in self.scorers for c in weights):
-                continue
-            try:
-                scorer = CompositeScorer(name, weights, self._workers())
-            except ValueError as error:
-                self.unavailable[name] = f"failed to load: {error}"
-                log.error("composite cannot serve", extra={"reward": name, "error": str(error)})
-                continue
-            self.scorers[name] = scorer
-            self.specs[name] = scorer.spec
-            del self.unavailable[name]
-            await self.health.set(reward_health_name(name), SERVING)
-
-    def _workers(self) -> dict[str, RewardWorker]:
-        return {name: s for name, s in self.scorers.items() if isinstance(s, RewardWorker)}
 
     async def _watch_endpoints(self) -> None:
         """Mirror each remote endpoint's health in ours, and each composite's as that of its components."""
         while True:
             await asyncio.sleep(self.config.health_interval_s)
-            for name, worker in self._workers().items():
-                if isinstance(worker.reward, RemoteReward):
-                    problem = await asyncio.to_thread(worker.reward.check_health)
-                    if name not in self.scorers:
-                        continue  # unregistered meanwhile
-                    if problem != self.endpoint_problems.get(name):
-                        level = logging.WARNING if problem else logging.INFO
-                        log.log(level, "endpoint health changed", extra={"reward": name, "problem": problem})
-                    if problem is None:
-                        self.endpoint_problems.pop(name, None)
-                    else:
-                        self.endpoint_problems[name] = problem
-            for name in self.scorers:
-                status = NOT_SERVING if self._endpoint_problem(name) else SERVING
-                await self.health.set(reward_health_name(name), status)
-
-    # --- endpoints registered at runtime (RewardAdmin) -----------------------------------------------------------
-
-    async def register_endpoint(self, name: str, url: str, options: dict[str, Any], replace: bool) -> RewardSpec:
-        """Serve the endpoint at ``url`` as ``name`` once it answers; EndpointError with a status code otherwise."""
-        try:
-            check_name(name, "endpoint name")
-            table = {key: value for key, value in options.items() if key in _TABLE_KEYS}
-            table |= {"type": REMOTE, "options": {"url": url} | {k: v for k, v in options.items() if k not in table}}
-            config = reward_config(name, table)
-            ((reward, batching),) = build_rewards([config])
-        except (ConfigError, PluginError, ValueError) as error:
-            raise EndpointError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-        async with self._admin_lock:
-            if name in self.specs and not (replace and name in self.runtime_endpoints):
-                reason = "set replace to swap it" if name in self.runtime_endpoints else "it is not a runtime endpoint"
-                raise EndpointError(grpc.StatusCode.ALREADY_EXISTS, f"reward {name!r} is already served; {reason}")
-            try:
-                await asyncio.to_thread(reward.load)
-            except RewardServiceError as error:
-                raise EndpointError(error.code, error.message) from None
-            except Exception as error:
-                raise EndpointError(grpc.StatusCode.FAILED_PRECONDITION, f"{type(error).__name__}: {error}") from None
-            if name in self.scorers:
-                await self._stop_serving(name)
-            await self._serve_reward(reward, batching)
-            self.configs[name] = config
-            self.runtime_endpoints.add(name)
-            self._save_endpoints()
-        log.info("endpoint registered", extra={"reward": name, "url": url, "replaced": replace})
-        return reward.spec
-
-    async def unregister_endpoint(self, name: str) -> None:
-        async with self._admin_lock:
-            if name not in self.specs:
-                raise EndpointError(
-                    grpc.StatusCode.NOT_FOUND, f"no reward {name!r}; served: {', '.join(sorted(self.specs))}"
-                )
-            if name not in self.runtime_endpoints:
-                raise EndpointError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"reward {name!r} was not registered at runtime; it comes from the server's config",
-                )
-            users = sorted(c for c, weights in self.composites.items() if name in weights)
-            if users:
-                raise EndpointError(
-                    grpc.StatusCode.FAILED_PRECONDITION, f"composite(s) {', '.join(users)} use {name!r}"
-                )
-            await self._stop_serving(name)
-            self.runtime_endpoints.discard(name)
-            del self.configs[name], self.specs[name]
-            self._save_endpoints()
-        log.info("endpoint unregistered", extra={"reward": name})
-
-    async def _stop_serving(self, name: str) -> None:
-        scorer = self.scorers.pop(name)
-        self.endpoint_problems.pop(name, None)
-        await self.health.set(reward_health_name(name), health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-        assert isinstance(scorer, RewardWorker)
-        await scorer.stop(f"reward {name!r} was unregistered or replaced while this item waited")
-        await asyncio.to_thread(scorer.reward.close)
-
-    def _save_endpoints(self) -> None:
-        """Write the runtime endpoints to ``endpoints_file`` (atomically: a crash leaves the old file or the new)."""
-        path = self.config.endpoints_file
-        if path is None:
-            return
-        data = {"rewards": {name: reward_table(self.configs[name]) for name in sorted(self.runtime_endpoints)}}
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.replace(temporary, path)
-
-    def reward_state(self, name: str) -> str:
-        """What ListRewards of the admin service says about one reward."""
-        if name in self.unavailable:
-            return self.unavailable[name]
-        problem = self._endpoint_problem(name)
-        return f"not serving: {problem}" if problem else "serving"
-
-    def _endpoint_problem(self, name: str) -> str | None:
-        """Why a remote endpoint that ``name`` is, or that composite ``name`` adds up, does not serve now, if one does
-        not (health_interval_s checks)."""
-        components = self.composites.get(name, {name: 1.0})
-        return next((self.endpoint_problems[c] for c in components if c in self.endpoint_problems), None)
+            await self.registry.check_endpoints()
 
     async def wait_loaded(self) -> dict[str, str]:
         """Wait until every reward has loaded or failed; returns the failed ones with their reasons."""
         await self.loaded.wait()
-        return dict(self.unavailable)
+        return self.registry.unavailable()
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then stop the workers.
@@ -417,10 +254,7 @@ class RewardServer:
             log.warning("grace period over; cancelling the RPCs still running", extra={"grace_s": grace})
         if self._server is not None:
             await self._server.stop(0)
-        workers = self._workers().values()
-        await asyncio.gather(*(worker.stop() for worker in workers))
-        for worker in workers:
-            worker.reward.close()
+        await self.registry.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -430,34 +264,6 @@ class RewardServer:
     async def wait_for_termination(self) -> None:
         assert self._server is not None, "start() the server first"
         await self._server.wait_for_termination()
-
-
-# Keys of an endpoint's options that are settings of its [rewards.NAME] table rather than of the remote reward.
-_TABLE_KEYS = {"max_image_size", *BATCHING_KEYS}
-
-
-def _read_token(path: Path) -> str:
-    token = path.read_text().strip()
-    if not token:
-        raise ValueError(f"token file {path} is empty")
-    return token
-
-
-def read_endpoints_file(path: Path | None, configured: set[str]) -> list[RewardConfig]:
-    """The endpoints saved by an earlier run (none if ``path`` is None or does not exist yet)."""
-    if path is None or not path.exists():
-        return []
-    source = f"endpoints file {path}"
-    try:
-        saved = parse_config(json.loads(path.read_text()), source=source).rewards
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"cannot read {source}: {error}") from None
-    for config in saved:
-        if config.type != REMOTE:
-            raise ConfigError(f"{source}: {config.name!r} is of type {config.type!r}; it may only hold remote rewards")
-        if config.name in configured:
-            raise ConfigError(f"{source}: {config.name!r} is also in the config; remove it from one of them")
-    return list(saved)
 
 
 async def serve(

@@ -20,18 +20,18 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import NoReturn, Protocol, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
-from reward_server.batching import ItemOutcome, QueueFull, RewardWorker
+from reward_server.batching import ItemOutcome, QueueFull
 from reward_server.budget import DecodeBudget, RateLimitedLog
-from reward_server.composite import CompositeScorer, check_weights
 from reward_server.config import MiB
 from reward_server.metrics import ServerMetrics
+from reward_server.registry import RewardRegistry
 from reward_server.rewards import ItemError, RewardSpec
 from reward_server.wire import (
     DecodedItem,
@@ -48,10 +48,7 @@ log = logging.getLogger(__name__)
 
 _RESULTS_PER_STREAM_MESSAGE = 256
 
-
-PER_REQUEST_COMPOSITE = "weights"  # how results of ScoreRequest.weights are named in messages and metrics
 UNKNOWN_REWARD_LABEL = "unknown"  # the metrics label of items naming a reward the server lacks: not their name
-LOADING = "is still loading"  # the state of a reward whose load has not finished; any other state is a failure
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
 MessageT = TypeVar("MessageT", bound=Message)
 
@@ -74,24 +71,6 @@ class _Checked:
     rejected: list[tuple[int, str, ItemError]] = dataclasses.field(default_factory=list)
 
 
-class Scorer(Protocol):
-    """What scores a request's items: a reward's worker, or a composite of workers."""
-
-    name: str
-
-    @property
-    def spec(self) -> RewardSpec: ...
-
-    @property
-    def capacity(self) -> int:
-        """The most items it can ever hold queued at once."""
-        ...
-
-    async def submit(self, items: list[DecodedItem]) -> list[asyncio.Future[ItemOutcome]]: ...
-
-    async def submit_nowait(self, items: list[DecodedItem]) -> list[asyncio.Future[ItemOutcome]]: ...
-
-
 def bearer_token_problem(metadata: Iterable[tuple[str, str | bytes]] | None, expected: bytes) -> str | None:
     """Check a call's ``authorization`` metadata against ``expected`` (b"Bearer <token>", compared in constant time):
     None when it matches, "missing" or "mismatch" otherwise."""
@@ -102,25 +81,10 @@ def bearer_token_problem(metadata: Iterable[tuple[str, str | bytes]] | None, exp
     return None if hmac.compare_digest(given_bytes, expected) else "mismatch"
 
 
-def reward_health_name(reward: str) -> str:
-    """The health-check service name of one reward, e.g. "reward/jpeg_compressibility"."""
-    return f"reward/{reward}"
-
-
 class RewardServicer:
-    def __init__(
-        self,
-        scorers: Mapping[str, Scorer],
-        specs: Mapping[str, RewardSpec],
-        unavailable: Mapping[str, str],
-        metrics: ServerMetrics,
-        limits: DecodeLimits,
-    ) -> None:
-        """``scorers``: the rewards ready to score; ``specs``: every configured reward; ``unavailable``: why the
-        others cannot score yet. The server updates all three as rewards load and endpoints come and go."""
-        self._scorers = scorers
-        self._specs = specs
-        self._unavailable = unavailable
+    def __init__(self, registry: RewardRegistry, metrics: ServerMetrics, limits: DecodeLimits) -> None:
+        """``registry`` says what scores each request; it changes as rewards load and endpoints come and go."""
+        self._registry = registry
         self._metrics = metrics
         self._limits = limits
         self._budget = DecodeBudget(limits.max_in_flight_bytes)
@@ -168,9 +132,10 @@ class RewardServicer:
     async def ListRewards(self, body: bytes, context: grpc.aio.ServicerContext) -> pb.ListRewardsResponse:
         async with self._track("ListRewards", context):
             self._parse(pb.ListRewardsRequest, body, "ListRewardsRequest", context)  # small: parsed on the loop
+            specs = self._registry.specs
             return pb.ListRewardsResponse(
-                rewards=[spec_to_proto(self._specs[name]) for name in sorted(self._specs)],
-                load_errors={name: state for name, state in self._unavailable.items() if state != LOADING},
+                rewards=[spec_to_proto(specs[name]) for name in sorted(specs)],
+                load_errors=self._registry.load_errors(),
             )
 
     async def Score(self, body: bytes, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
@@ -180,7 +145,7 @@ class RewardServicer:
             request = await loop.run_in_executor(
                 self._decoder, self._parse, pb.ScoreRequest, body, "ScoreRequest", context
             )
-            worker = self._scorer(request.reward, request.weights)
+            worker = self._registry.scorer(request.reward, request.weights)
             if isinstance(worker, ItemError):
                 raise _CallFailed(worker.code, worker.message)
             if len(request.items) > worker.capacity:
@@ -265,7 +230,7 @@ class RewardServicer:
                 except _CallFailed as failure:
                     undecodable.append(f"messages[{message_index - 1}]: {failure.message}")
                     continue
-                worker = self._scorer(request.reward, request.weights)
+                worker = self._registry.scorer(request.reward, request.weights)
                 if isinstance(worker, ItemError):
                     unknown = worker
                     for index, item in enumerate(request.items):
@@ -310,7 +275,8 @@ class RewardServicer:
     def _max_pixels(self) -> int:
         if self._limits.max_image_pixels is not None:
             return self._limits.max_image_pixels
-        return max((s.image_spec.max_size[0] * s.image_spec.max_size[1] for s in self._specs.values()), default=1)
+        specs = self._registry.specs.values()
+        return max((s.image_spec.max_size[0] * s.image_spec.max_size[1] for s in specs), default=1)
 
     def _check(
         self, items: Sequence[pb.Item], field: str, spec: RewardSpec, seen: set[str], timeout: float | None
@@ -388,44 +354,6 @@ class RewardServicer:
                 answers.put_nowait(self._answer(reward, item_id, future.result(), arrived))
 
         return deliver
-
-    def _scorer(self, reward: str, weights: Mapping[str, float]) -> Scorer | ItemError:
-        """What scores ``reward``, or a weighted sum of rewards when ``weights`` is set; else why nothing can."""
-        if not weights:
-            return self._scorers.get(reward) or self._not_ready(reward)
-        try:
-            weights = check_weights(weights, "weights")
-        except ValueError as error:
-            return ItemError(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        workers = {}
-        for component in weights:
-            scorer = self._scorers.get(component)
-            if scorer is None:
-                return self._not_ready(component)
-            if not isinstance(scorer, RewardWorker):
-                return ItemError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"weights: {quote(component)} is itself a composite; weigh its components instead",
-                )
-            workers[component] = scorer
-        try:
-            # One name for every per-request composite: the client's label must not become a metrics label value.
-            return CompositeScorer(PER_REQUEST_COMPOSITE, weights, workers)
-        except ValueError as error:
-            return ItemError(grpc.StatusCode.INVALID_ARGUMENT, f"weights: {error}")
-
-    def _not_ready(self, reward: str) -> ItemError:
-        """Why ``reward`` cannot score: still loading (UNAVAILABLE), failed to load, or not offered at all."""
-        offered = ", ".join(sorted(self._specs))
-        if not reward:
-            return ItemError(grpc.StatusCode.NOT_FOUND, f"reward is empty; name one of: {offered}")
-        state = self._unavailable.get(reward)
-        if state is None:
-            return ItemError(
-                grpc.StatusCode.NOT_FOUND, f"unknown reward {quote(reward)}; this server offers: {offered}"
-            )
-        code = grpc.StatusCode.UNAVAILABLE if state == LOADING else grpc.StatusCode.FAILED_PRECONDITION
-        return ItemError(code, f"reward {reward!r} {state} (health service {reward_health_name(reward)!r})")
 
     def _answer(self, reward: str, item_id: str, outcome: ItemOutcome | ItemError, arrived: float) -> pb.ScoreResult:
         """Turn one item's outcome into its result, and count it."""

@@ -15,8 +15,9 @@ from accelerate.state import AcceleratorState
 from reward_server.rewards.jpeg import JpegSize
 from tests.support import ServerThread
 from trainer.config import load_config
+from trainer.policy import Epoch
 from trainer.prompts import load_prompts
-from trainer.train import Epoch, Trainer
+from trainer.train import Trainer
 
 STEPS, TRAINED = 10, 6  # timestep_fraction 0.6: each sample trains on its own 6 of the 10 steps
 CHUNKS = [4, TRAINED]  # uneven (4 + 2) and all at once, against 1
@@ -62,7 +63,7 @@ def gradients(
     trainer.generators["training"].manual_seed(7)  # RWR's timesteps and noise
     trainer.optimizer.zero_grad()
     trainer.unet.train()
-    terms = trainer.accumulate_gradients(data, [torch.arange(4), torch.arange(4, 8)], step_order)
+    terms = trainer.update.accumulate_gradients(data, [torch.arange(4), torch.arange(4, 8)], step_order)
     grads = [p.grad.clone() for p in trainer.unet.parameters() if p.requires_grad]
     trainer.optimizer.zero_grad()
     return terms, grads
@@ -92,7 +93,7 @@ def test_batched_timesteps_give_the_per_timestep_gradients(
 def test_auto_is_every_trained_timestep_on_a_cpu(trainer: Trainer, data: Epoch) -> None:
     trainer.config.train = dataclasses.replace(trainer.config.train, timesteps_per_call="auto")
     step_order = torch.stack([torch.randperm(STEPS)[:TRAINED] for _ in range(len(data))])
-    assert trainer._timesteps_per_call(data, torch.arange(4), step_order) == TRAINED
+    assert trainer.update.timesteps_per_call(data, torch.arange(4), step_order) == TRAINED
 
 
 def test_the_auto_probe_halves_until_a_chunk_fits_and_leaves_no_trace(
@@ -100,7 +101,7 @@ def test_the_auto_probe_halves_until_a_chunk_fits_and_leaves_no_trace(
 ) -> None:
     """On a GPU, auto probes once: out-of-memory at 10 and 5 timesteps per call, so 2 (faked here: no GPU)."""
     trainer.config.train = dataclasses.replace(trainer.config.train, algorithm="rwr", timesteps_per_call="auto")
-    real_loss, tried = trainer.loss, []
+    real_loss, tried = trainer.update.loss, []
 
     def loss_that_fits_two(data: Epoch, indices: torch.Tensor, steps: torch.Tensor) -> dict[str, torch.Tensor]:
         tried.append(steps.shape[1])
@@ -109,17 +110,19 @@ def test_the_auto_probe_halves_until_a_chunk_fits_and_leaves_no_trace(
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (faked)")  # ...then runs out of memory
         return terms
 
-    monkeypatch.setattr(trainer, "loss", loss_that_fits_two)
+    monkeypatch.setattr(trainer.update, "loss", loss_that_fits_two)
     step_order = torch.stack([torch.randperm(STEPS) for _ in range(len(data))])
     random_state = trainer.generators["training"].get_state()
-    assert trainer.probe_timesteps_per_call(data, torch.arange(4), step_order) == 2
+    assert trainer.update.probe_timesteps_per_call(data, torch.arange(4), step_order) == 2
     assert tried == [10, 5, 2]
     assert torch.equal(trainer.generators["training"].get_state(), random_state)  # RWR's draws are not consumed
     assert all(p.grad is None for p in trainer.unet.parameters())  # nothing accumulated
 
-    monkeypatch.setattr(trainer, "loss", lambda *args: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("faked")))
+    monkeypatch.setattr(
+        trainer.update, "loss", lambda *args: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("faked"))
+    )
     with pytest.raises(torch.cuda.OutOfMemoryError) as raised:
-        trainer.probe_timesteps_per_call(data, torch.arange(4), step_order)
+        trainer.update.probe_timesteps_per_call(data, torch.arange(4), step_order)
     assert "lower train.batch_size, or set train.gradient_checkpointing = true" in "".join(raised.value.__notes__)
 
 

@@ -23,6 +23,8 @@ from clients import (
     ItemsFailedError,
     RewardClient,
     RewardServiceError,
+    TritonRewardClient,
+    open_client,
 )
 from clients._wire import checked_items, encode_png, parse_target
 from clients.generated.ddpo.reward.v1 import reward_pb2 as pb
@@ -75,6 +77,15 @@ def test_bad_server_addresses(server: str, fragment: str) -> None:
     assert fragment in str(caught.value)
     assert parse_target("grpcs://example.org:443").tls
     assert not parse_target("127.0.0.1:1").tls
+
+
+def test_triton_refuses_weights_before_sending() -> None:
+    """Triton has no per-request composite: the client takes ``weights`` (the API every client has) and refuses it."""
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'ddpo[triton]')")
+    # nothing listens on port 9: the refusal must come before anything is sent
+    for client in (TritonRewardClient("triton://127.0.0.1:9"), open_client("triton://127.0.0.1:9")):
+        with client, pytest.raises(ValueError, match=r"weights .* are not available through Triton: call each reward"):
+            client.score("jpeg_compressibility", [IMAGE], weights={"jpeg_compressibility": 1.0})
 
 
 @pytest.mark.parametrize("channels", [1, 3, 4])

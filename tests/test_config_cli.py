@@ -110,6 +110,46 @@ def test_config_errors_name_the_problem(tmp_path: Path, text: str, fragment: str
     assert fragment in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "suggestion"),
+    [
+        ("[server]\nprot = 1\n", "port"),
+        ("[reward.x]\n", "rewards"),
+        ("[rewards.jpeg_compressibility]\nmax_batch_sise = 3\n", "max_batch_size"),
+        ('[rewards.both]\ntype = "composite"\nweight = {}\n', "weights"),
+    ],
+)
+def test_an_unknown_key_suggests_the_one_meant(tmp_path: Path, text: str, suggestion: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"unknown key\(s\) .*; known keys: .*\. Did you mean {suggestion}\?$"):
+        load_config(path)
+
+
+def test_an_unrelated_unknown_key_gets_no_suggestion(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[server]\ncolour = 1\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert "did you mean" not in str(raised.value).lower()
+
+
+def test_yaml_reads_exponents_without_a_dot_as_floats(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads 5e-1 as a string; the server reads it as YAML 1.2 and TOML do."""
+    path = tmp_path / "server.yaml"
+    path.write_text(
+        "server:\n  port: 0\n  grace_s: 1e1\n  health_interval_s: 5E-1\n  endpoints_file: e.json\n"
+        "rewards:\n  jpeg_compressibility:\n    max_queue_delay_ms: 2.5e+0\n    max_batch_size: 8\n"
+    )
+    config = load_config(path)
+    assert (config.grace_s, config.health_interval_s) == (10.0, 0.5)
+    assert config.rewards[0].batching.max_queue_delay_ms == 2.5
+    assert config.rewards[0].batching.max_batch_size == 8  # integers stay integers
+    assert config.endpoints_file == Path("e.json")  # paths are written as strings
+    path.write_text("server:\n  host: 1e5x\n")
+    assert load_config(path).host == "1e5x"  # not a number: still a string
+
+
 def test_config_file_suffix_and_missing_file(tmp_path: Path) -> None:
     ini = tmp_path / "server.ini"
     ini.write_text("[server]\n")

@@ -353,6 +353,30 @@ def test_a_second_server_registered_at_runtime_serves_through_the_first(
     assert json.loads(endpoints.read_text()) == {"rewards": {}}
 
 
+def test_a_saved_endpoint_that_is_gone_at_startup_can_be_unregistered(tmp_path: Path) -> None:
+    """An endpoint saved by an earlier run whose server is gone fails to load; unregistering it still works."""
+    (tmp_path / "admin.token").write_text("front-token")
+    endpoints = tmp_path / "endpoints.json"
+    gone = {"type": "remote", "options": {"url": "grpc://127.0.0.1:1/x", "timeout_s": 2, "max_attempts": 1}}
+    endpoints.write_text(json.dumps({"rewards": {"gone": gone}}))
+    args = ["--rewards", "jpeg_compressibility", "--admin-token-file", str(tmp_path / "admin.token")]
+    with (
+        ServerProcess(*args, "--endpoints-file", str(endpoints)) as front,
+        AdminClient(front.address, admin_token="front-token") as admin,
+    ):
+        deadline = time.monotonic() + 60
+        while (state := {e.info.name: e.state for e in admin.list_rewards_admin()}["gone"]) == "is still loading":
+            assert time.monotonic() < deadline, "the saved endpoint never finished loading"
+            time.sleep(0.2)
+        assert state.startswith("failed to load")
+        admin.unregister_endpoint("gone")
+        assert "gone" not in {e.info.name for e in admin.list_rewards_admin()}
+        with pytest.raises(RewardServiceError) as unknown:
+            admin.score("gone", np.zeros((1, 8, 8, 3), np.uint8))
+        assert unknown.value.code == grpc.StatusCode.NOT_FOUND
+    assert json.loads(endpoints.read_text()) == {"rewards": {}}
+
+
 def _fast_health(folder: Path) -> Path:
     path = folder / "fast-health.toml"
     path.write_text("[server]\nhealth_interval_s = 0.3\n")

@@ -270,7 +270,7 @@ def test_ddpo_eval_usage_and_service_errors(jpeg_server: ServerProcess, prompt_f
         "unknown reward": (
             evaluate("--rewards=jpeg_compressibility,aesthetic"),
             3,
-            "reward(s) 'aesthetic' not offered by 127.0.0.1:",
+            "reward 'aesthetic' is not offered by 127.0.0.1:",
         ),
     }
     for name, (done, code, message) in cases.items():
@@ -417,24 +417,59 @@ def test_the_trainers_held_out_evaluation_writes_the_same_outputs(trained_run: P
     evals = [json.loads(line) for line in (trained_run / "eval.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in evals] == [0, 1, 2]
     held_out = [prompt for prompt in PROMPTS for _ in range(2)]
+    first_folder = trained_run / "eval" / "epoch_000000"
+    before = read_results(first_folder / "results.jsonl")
     for evaluation in evals:
-        folder = trained_run / "eval" / f"epoch_{evaluation['epoch']:06d}"
+        epoch = evaluation["epoch"]
+        folder = trained_run / "eval" / f"epoch_{epoch:06d}"
         assert all((folder / name).is_file() for name in OUTPUTS)
-        results = check_summary(folder, ["jpeg_compressibility"])
+        lines = check_summary(folder, ["jpeg_compressibility"])
+        # after epoch 0, the report compares with epoch 0 (its lines first), as `ddpo eval --compare-lora` does
+        compared = lines[: len(held_out)] if epoch else []
+        results = lines[len(compared) :]
         assert [line["prompt"] for line in results] == held_out
         assert [(line["prompt_index"], line["sample"]) for line in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-        assert {line["variant"] for line in results} == {f"epoch_{evaluation['epoch']}"}
+        assert [line["seed"] for line in results] == [2023, 2024, 2025, 2026]  # eval.seed + image index
+        assert {line["variant"] for line in results} == {f"epoch_{epoch}"}
+        assert [(line["variant"], line["rewards"]) for line in compared] == [
+            (line["variant"], line["rewards"]) for line in (before if epoch else [])
+        ]
+        for line, first in zip(compared, before, strict=False):
+            assert (folder / line["image"]).resolve() == (
+                trained_run / "eval" / "epoch_000000" / first["image"]
+            ).resolve()
         # the same images and scores as eval.jsonl
         for line, item in zip(results, evaluation["items"], strict=True):
             assert (folder / line["image"]).resolve() == (trained_run / item["image"]).resolve()
             assert line["rewards"] == {"jpeg_compressibility": item["reward"]}
         summary = json.loads((folder / "summary.json").read_text())
-        stats = summary["rewards"]["jpeg_compressibility"][f"epoch_{evaluation['epoch']}"]
+        stats = summary["rewards"]["jpeg_compressibility"][f"epoch_{epoch}"]
         assert stats["mean"] == pytest.approx(evaluation["reward_mean"], rel=1e-12)
         assert stats["std"] == pytest.approx(evaluation["reward_std"], rel=1e-12)
         assert summary["settings"]["seed"] == 2023  # eval.seed
-        assert summary["settings"]["epoch"] == evaluation["epoch"]
-        assert (folder / "report.html").read_text().count("<img ") == len(held_out)
+        assert summary["settings"]["epoch"] == epoch
+        assert ("comparison" in summary) == (epoch > 0)
+        if epoch:
+            assert summary["comparison"]["reference"] == "epoch_0"
+            assert summary["comparison"]["rewards"]["jpeg_compressibility"]["pairs"] == len(held_out)
+        assert (folder / "report.html").read_text().count("<img ") == len(held_out) * (2 if epoch else 1)
+
+
+@pytest.mark.slow
+def test_ddpo_eval_and_the_held_out_evaluation_sample_the_same_images(run_eval: Any, trained_run: Path) -> None:
+    """One noise scheme and one results schema: `ddpo eval` of the base model with the run's held-out settings
+    (seed 2023, 5 steps) gives the images of the run's evaluation before training (its LoRA starts at zero)."""
+    out = run_eval("--batch-size=4", "--seed=2023", "--num-steps=5")
+    evaluated = read_results(out / "results.jsonl")
+    before = trained_run / "eval" / "epoch_000000"
+    trained = read_results(before / "results.jsonl")
+    assert [set(line) for line in trained] == [set(line) for line in evaluated]
+    key = [(line["prompt"], line["prompt_index"], line["sample"], line["seed"]) for line in trained]
+    assert key == [(line["prompt"], line["prompt_index"], line["sample"], line["seed"]) for line in evaluated]
+    for a, b in zip(trained, evaluated, strict=True):
+        difference = np.abs(pixels(before / a["image"]).astype(int) - pixels(out / b["image"]).astype(int))
+        assert difference.max() <= 1  # the same noise; a level for rounding in the LoRA's zero-valued branch
+        assert a["rewards"]["jpeg_compressibility"] == pytest.approx(b["rewards"]["jpeg_compressibility"], abs=0.05)
 
 
 # ---------------------------------------------------------------------------------------------------- Chromium
@@ -506,13 +541,13 @@ def test_a_failed_held_out_item_keeps_its_error(jpeg_server: ServerProcess, base
     """An item the service failed (kept by --on-reward-error=drop) is recorded with its error, not as a number."""
     from clients import EncodedImage
     from clients.evaluation import write_evaluation
-    from trainer.evaluate import EvalResult
+    from trainer.evaluate import EvalResult, seeded_images
 
     good = (base_eval / "images" / "base" / "000_00.png").read_bytes()
     with RewardClient(jpeg_server.address) as client:
         answers = client.score("jpeg_compressibility", [EncodedImage(good), EncodedImage(good[:100])])
     result = EvalResult(3, ["a", "a"], np.zeros((2, 4, 4, 3), np.uint8), np.array([answers.items[0].score, np.nan]))
-    records = result.records("jpeg_compressibility", 2, answers.failed)
+    records = result.records("jpeg_compressibility", seeded_images(1, 2, seed=7), answers.failed)
     write_evaluation(tmp_path, records, ["jpeg_compressibility"], {"epoch": 3})
     first, second = read_results(tmp_path / "results.jsonl")
     assert first["rewards"] == {"jpeg_compressibility": answers.items[0].score}
@@ -523,6 +558,7 @@ def test_a_failed_held_out_item_keeps_its_error(jpeg_server: ServerProcess, base
         "001.png",
     )
     assert second["rewards"] == {"jpeg_compressibility": None}
+    assert (first["seed"], second["seed"]) == (7, 8)  # each image's own seed
     assert second["errors"]["jpeg_compressibility"].startswith("INVALID_ARGUMENT: ")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rewards"]["jpeg_compressibility"]["epoch_3"]["failed"] == 1

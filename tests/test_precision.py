@@ -15,10 +15,12 @@ from accelerate.state import AcceleratorState
 from reward_server.rewards.jpeg import JpegSize
 from tests.support import ServerThread, SlowReward, read_metrics, train_tiny
 from trainer.config import load_config
+from trainer.policy import Epoch
 from trainer.precision import NonFiniteError
 from trainer.prompts import load_prompts
 from trainer.sampling import SampleBatch, decode_images
-from trainer.train import Epoch, RatioCheckError, Trainer
+from trainer.train import Trainer
+from trainer.update import RatioCheckError
 
 PROMPTS = load_prompts("shapes")[:8]
 QUIET = ["log.tensorboard=false", "log.images_every=0", "eval.enabled=false"]
@@ -190,24 +192,26 @@ def test_rwr_trains_on_the_guided_prediction(server: ServerThread, tmp_path: Pat
         lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"]), with_kwargs=True
     )
     indices = torch.arange(4)
-    x0, embeds = data.latents[indices, -1], data.prompt_embeds[indices]
-    trainer.loss(data, indices, torch.zeros(4, 1, dtype=torch.long))
+    embeds = data.prompt_embeds[indices]
+    first_step = torch.zeros(4, 1, dtype=torch.long)
+    trainer.update.loss(data, indices, first_step)
     (hidden,) = seen
     assert hidden.shape[0] == 8  # the unconditional half, then the conditional one
-    assert torch.equal(hidden[:4], trainer.negative_embeds.expand(4, -1, -1))
+    assert torch.equal(hidden[:4], trainer.policy.negative_embeds.expand(4, -1, -1))
     assert torch.equal(hidden[4:], embeds)
 
     generator = trainer.generators["training"]
     state = generator.get_state()  # the same timesteps and noise before and after the step
+    data.weights[indices] = torch.tensor([4.0, 0.0, 0.0, 0.0])
 
     def error_of_the_first_sample() -> float:
         generator.set_state(state)
         with torch.no_grad():
-            return float(trainer.rwr_loss(x0, embeds, torch.tensor([4.0, 0.0, 0.0, 0.0])))
+            return float(trainer.update.loss(data, indices, first_step)["loss"])
 
     before = error_of_the_first_sample()
     generator.set_state(state)
-    trainer.rwr_loss(x0, embeds, torch.tensor([4.0, 0.0, 0.0, 0.0])).backward()
+    trainer.update.loss(data, indices, first_step)["loss"].backward()
     trainer.optimizer.step()
     assert error_of_the_first_sample() < before
 
@@ -216,7 +220,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(server: ServerThread, t
     def gradients(trainer: Trainer, data: Epoch) -> list[torch.Tensor]:
         trainer.unet.train()
         indices = torch.arange(len(data))
-        trainer.loss(data, indices, step_order(data)[:, :1])["loss"].backward()
+        trainer.update.loss(data, indices, step_order(data)[:, :1])["loss"].backward()
         return [p.grad.clone() for p in trainer.unet.parameters() if p.requires_grad]
 
     plain = make_trainer(server, tmp_path / "plain")

@@ -197,10 +197,13 @@ def test_per_replica_figures_reach_tensorboard(tmp_path: Path) -> None:
 
     logger = RunLogger(tmp_path, {}, tensorboard=True, wandb=False, project="", start_epoch=0)
     replicas = {"10.0.0.5:50051": {"sent": 16, "answered": 8, "resent": 8, "latency_s": 0.25}}
-    logger.log_epoch({"epoch": 1, "reward_mean": 1.0, "reward_replicas": replicas})
+    logger.log_epoch({"epoch": 1, "reward_mean": 1.0, "loss": 0.5, "train_s": 2.0, "reward_replicas": replicas})
     logger.close()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {f"reward_replicas/10.0.0.5:50051/{key}" for key in ("sent", "answered", "resent", "latency_s")} <= tags
-    assert events.Scalars("reward_replicas/10.0.0.5:50051/resent")[0].value == 8
+    assert {f"reward/replicas/10.0.0.5:50051/{key}" for key in ("sent", "answered", "resent", "latency_s")} <= tags
+    assert events.Scalars("reward/replicas/10.0.0.5:50051/resent")[0].value == 8
+    # sections: reward/, loss/, time/ (metrics.jsonl keeps the flat names)
+    assert {"reward/mean", "loss/total", "time/train_s"} <= tags
+    assert not tags & {"reward_mean", "loss", "train_s", "epoch"}

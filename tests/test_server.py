@@ -264,7 +264,7 @@ def test_batching_defaults_come_from_the_reward_and_config_overrides_them() -> N
     tuned = build_reward("jpeg_incompressibility")
     with ServerThread([jpeg, slow, (tuned, BatchingConfig(max_batch_size=3, instances=1))]) as server:
         assert server.server is not None
-        workers = server.server.scorers
+        workers = server.server.registry.scorers
     assert (workers["jpeg_compressibility"].instances, workers["jpeg_compressibility"].max_batch_size) == (
         os.cpu_count() or 1,
         8,

@@ -24,8 +24,9 @@ from trainer.prompts import load_prompts
 from trainer.rewards import RewardError, connect
 from trainer.sampling import load_pipeline
 from trainer.tiny import build_tiny_pipeline
-from trainer.tracking import _shorten, image_grid
-from trainer.train import RatioCheckError, Trainer
+from trainer.tracking import caption_text, image_grid, reward_curve
+from trainer.train import Trainer
+from trainer.update import RatioCheckError
 
 METRIC_KEYS = {
     "epoch",
@@ -292,9 +293,35 @@ def test_image_grid_keeps_every_reward_readable() -> None:
     images = np.zeros((6, 64, 64, 3), np.uint8)
     captions = [f"a hippopotamus washing the dishes {i} | -3.{i}1" for i in range(6)]
     grid = image_grid(images, captions, columns=4)
-    assert grid.size == (4 * 128, 2 * (128 + 12))  # 64 px images enlarged to 128 px, two rows of four
-    assert _shorten(captions[0], 21) == "a hippopotam… | -3.01"
-    assert _shorten("cat | -3.01", 21) == "cat | -3.01"
+    assert grid.size == (4 * 128, 2 * (128 + 2 * 12))  # 64 px images enlarged to 128 px, two caption lines each
+    assert caption_text("cat | -3.01", 21, 2) == ["cat | -3.01"]
+    assert all("".join(caption_text(caption, 21, 2)).endswith(caption[-7:]) for caption in captions)  # "| -3.01"
+
+
+def test_captions_keep_the_words_that_tell_prompts_apart() -> None:
+    """Wrapped at spaces when they fit; else the middle goes, never the subject, the last words or the reward."""
+    assert caption_text("two red triangles | 0.52", 21, 2) == ["two red triangles |", "0.52"]
+    long = "two red triangles on a blue striped background | 0.52"
+    lines = caption_text(long, 21, 2)
+    assert len(lines) == 2
+    assert all(len(line) <= 21 for line in lines)
+    text = "".join(lines)
+    assert text.startswith("two red triangles")
+    assert text.endswith("background | 0.52")
+    assert "…" in text
+    (line,) = caption_text(long, 21, 1)
+    assert line.startswith("two red")
+    assert line.endswith("ground | 0.52")
+
+
+def test_the_reward_curve_has_whole_epochs(tmp_path: Path) -> None:
+    metrics = [{"epoch": e, "reward_mean": float(e), "reward_std": 0.1} for e in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    axes = reward_curve(tmp_path, "jpeg_compressibility").axes[0]
+    low, high = axes.get_xlim()
+    ticks = [tick for tick in axes.get_xticks() if low <= tick <= high]
+    assert len(ticks) >= 2
+    assert all(float(tick).is_integer() for tick in ticks)
 
 
 @pytest.mark.slow
@@ -310,6 +337,7 @@ def test_main_job_serves_trains_evaluates_and_stops_the_server(tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     assert "held-out prompts, same noise before and after (36 images, jpeg_compressibility)" in done.stdout
     assert "server stopped with SIGTERM, exit code 0" in done.stdout
+    assert "held-out changes over 2 epoch(s) are mostly noise: on the built-in tiny model, 30 epochs" in done.stderr
     evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     mean_line = next(line for line in done.stdout.splitlines() if line.startswith("mean "))
     assert f"{evals[0]['reward_mean']:.4f}" in mean_line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,38 @@ def test_files_toml_yaml_and_extends(tmp_path: Path) -> None:
     yaml = tmp_path / "mine.yaml"
     yaml.write_text("extends: tiny\nsample:\n  num_steps: 7\n")
     assert load_config(str(yaml)).sample.num_steps == 7
+
+
+def test_yaml_reads_exponents_without_a_dot_as_floats(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads 1e-4 as a string; the config reads it as YAML 1.2 and TOML do."""
+    yaml = tmp_path / "mine.yaml"
+    yaml.write_text("extends: tiny\ntrain:\n  learning_rate: 1e-4\n  clip_range: 2E-3\n  batch_size: 2\nseed: 7\n")
+    config = load_config(str(yaml))
+    assert config.train.learning_rate == 1e-4
+    assert config.train.clip_range == 2e-3
+    assert (config.train.batch_size, config.seed) == (2, 7)  # integers stay integers
+    yaml.write_text("extends: tiny\nmodel: 1e5x\n")
+    assert load_config(str(yaml)).model == "1e5x"  # not a number: still a string
+
+
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [
+        ("train.learning_rat", "train.learning_rate"),  # misspelled
+        ("learning_rate", "train.learning_rate"),  # in the wrong section
+        ("sample.guidance", "sample.guidance_scale"),
+        ("lora.rnk", "lora.rank"),
+    ],
+)
+def test_a_misspelled_key_gets_a_suggestion(key: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError, match=rf"unknown config key {re.escape(key)};.*Did you mean {suggestion}\?$"):
+        load_config("tiny", [f"{key}=1"])
+
+
+def test_an_unrelated_key_gets_no_suggestion() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config("tiny", ["totally.bogus=1"])
+    assert "did you mean" not in str(raised.value).lower()
 
 
 @pytest.mark.parametrize(

@@ -303,10 +303,7 @@ def test_ddpo_train_runs_against_triton(triton: TritonProcess, tmp_path: Path) -
         *("--reward", "jpeg_compressibility", "--epochs", "2", "sample.num_batches_per_epoch=2", "sample.num_steps=5"),
         *("eval.enabled=false", "log.tensorboard=false", "log.images_every=0"),
     )
-    if triton.frontend == "pytriton":  # the trainer checks its reward in the listing, which PyTriton cannot give
-        assert done.returncode != 0
-        assert "cannot be listed" in done.stderr
-        return
+    # PyTriton cannot list its models, so the trainer only waits for its reward there (clients.connect.check_rewards)
     assert done.returncode == 0, done.stderr
     metrics = read_metrics(tmp_path)
     assert [m["epoch"] for m in metrics] == [1, 2]

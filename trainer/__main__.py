@@ -1,5 +1,7 @@
+"""``python -m trainer`` (and ``accelerate launch -m trainer``): the same as ``ddpo train``."""
+
 import sys
 
-from trainer.cli import main
+from clients.cli import main
 
-sys.exit(main())
+sys.exit(main(["train", *sys.argv[1:]]))

@@ -25,10 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer.distributed import weights_digest
+from trainer.advantages import PerPromptStatTracker
+from trainer.distributed import check_same_weights, weights_digest
+
+logger = get_logger(__name__)  # logs on the main process only
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "epoch_"
@@ -246,3 +250,65 @@ def restore_snapshot(
     for name, generator in random_state.generators.items():
         generator.set_state(snapshot.generators[name])
     random_state.prompt_rng.bit_generator.state = snapshot.prompt_rng
+
+
+class RunCheckpoints:
+    """A run's checkpoints, and the state after its last finished epoch, kept in memory while no checkpoint holds
+    it: a run that stops mid-epoch checkpoints that state (``save_last_finished``), so that ``--resume latest``
+    continues as if it had not stopped."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        run_dir: Path,
+        model: torch.nn.Module,  # unwrapped
+        optimizer: torch.optim.Optimizer,
+        random_state: ProcessRandomState,
+        stat_tracker: PerPromptStatTracker,
+        config: dict[str, Any],
+        keep: int,
+    ) -> None:
+        self.accelerator, self.run_dir, self.model, self.optimizer = accelerator, run_dir, model, optimizer
+        self.random_state, self.stat_tracker, self.config, self.keep = random_state, stat_tracker, config, keep
+        self._unsaved: Snapshot | None = None
+
+    def load(self, path: Path) -> TrainingState:
+        acc = self.accelerator
+        state = load_checkpoint(
+            path, self.model, self.optimizer, self.random_state, acc.process_index, acc.num_processes
+        )
+        self.stat_tracker.load_state_dict(state.stat_tracker)
+        return state
+
+    def save(self, epoch: int, global_step: int) -> Path:
+        """A checkpoint of ``epoch``, after checking that every process holds the same weights."""
+        check_same_weights(self.accelerator, weights_digest(self.model))
+        state = TrainingState(
+            epoch=epoch,
+            global_step=global_step,
+            num_processes=self.accelerator.num_processes,
+            stat_tracker=self.stat_tracker.state_dict(),
+            config=self.config,
+        )
+        path = save_checkpoint(
+            self.accelerator, self.run_dir, self.model, self.optimizer, self.random_state, state, self.keep
+        )
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    def finished(self, epoch: int, global_step: int, saved: bool) -> None:
+        """``epoch`` epochs are done: remember their state in memory unless a checkpoint holds it."""
+        self._unsaved = None
+        if not saved:
+            tracker = self.stat_tracker.state_dict()
+            self._unsaved = take_snapshot(epoch, global_step, self.model, self.optimizer, self.random_state, tracker)
+
+    def save_last_finished(self) -> Snapshot | None:
+        """Put back the state of the last finished epoch and checkpoint it (every process, as they all stop);
+        returns what was put back, None if a checkpoint already held it."""
+        snapshot, self._unsaved = self._unsaved, None
+        if snapshot is not None:
+            restore_snapshot(snapshot, self.model, self.optimizer, self.random_state)
+            self.stat_tracker.load_state_dict(snapshot.stat_tracker)
+            self.save(snapshot.epoch, snapshot.global_step)
+        return snapshot

@@ -14,17 +14,27 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from clients.cli_support import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from clients.replicas import ADDRESS_FORMS
 from trainer.config import ConfigError, load_config, preset_names
+
+EXAMPLES = """\
+examples:
+  ddpo train --config tiny --reward-server 127.0.0.1:50051 --reward jpeg_compressibility --epochs 5
+  ddpo train --config compressibility --reward-server 127.0.0.1:50051 --run-dir runs/compress train.learning_rate=3e-4
+  ddpo train --config tiny --reward-server 127.0.0.1:50051 --run-dir runs/tiny --resume latest
+
+Any config key can be set as key=value, e.g. train.algorithm=rwr sample.num_steps=20. Run under
+`accelerate launch -m trainer` or `torchrun -m trainer` for several processes or GPUs (docs/gpu.md).
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddpo train",
         description="Fine-tune a Stable-Diffusion-style model with DDPO, getting rewards from a reward server.",
-        epilog="Any config key can be set as key=value, e.g. train.algorithm=rwr sample.num_steps=20. "
-        "Run under `accelerate launch -m trainer` or `torchrun -m trainer` for several processes or GPUs "
-        "(docs/gpu.md).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help=f"a preset ({', '.join(preset_names())}) or a .toml/.yaml file")
     parser.add_argument(
@@ -101,10 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         client = connect(r.server, r.name, r.read_token(), r.ca_file, r.timeout, r.outage_timeout)
     except RunFolderInUseError as error:
         print(f"ddpo train: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except RewardError as error:
         print(f"ddpo train: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
     from trainer.checkpoint import list_checkpoints
     from trainer.train import STOPS, train
@@ -121,6 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"ddpo train: the last checkpoint is {found[-1]}; continue with:\n  {resume_command(argv)}",
                 file=sys.stderr,
             )
-        return error.exit_code if isinstance(error, StopRequested) else 1
+        return error.exit_code if isinstance(error, StopRequested) else EXIT_FAILED
     print(f"ddpo train: done; final weights in {final}")
-    return 0
+    return EXIT_OK

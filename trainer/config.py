@@ -10,20 +10,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-import types
-import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from clients.cli_support import read_token_file
+from clients.typed_config import ConfigError as ConfigError  # re-exported: callers catch trainer.config.ConfigError
+from clients.typed_config import build, config_format, parse_config_text
 from trainer.prompts import PROMPT_SETS
 
 ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr", "sparse_rwr", "ddpo_is_kl")
 Algorithm = Literal["ddpo_is", "ddpo_sf", "rwr", "sparse_rwr", "ddpo_is_kl"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the key and the fix in the message."""
 
 
 @dataclasses.dataclass
@@ -117,7 +114,7 @@ class RewardConfig:
     """Reward service address: host:port, grpc(s)://host:port or triton://host:port; several replicas as a
     comma-separated list (a:50051,b:50051) or dns:///name:port, balanced by outstanding work with failover."""
     name: str = "jpeg_compressibility"
-    """The reward to maximise, as the service lists it (``ddpo score --list``)."""
+    """The reward to maximise, as the service lists it (``ddpo rewards --server ADDR``)."""
     timeout: float = 600.0
     """Progress timeout in seconds: the stream counts as broken when items are outstanding and no answer has come for
     this long (slow sampling never trips it). Also how long start-up waits for a reward that is still loading."""
@@ -138,20 +135,19 @@ class RewardConfig:
     """PEM file of the CA that signed the service's certificate (grpcs://)."""
 
     def read_token(self) -> str | None:
-        """The bearer token from token_file or token_env; ConfigError if it is missing or empty."""
+        """The bearer token from token_file or token_env; ConfigError if it is missing, unreadable or empty."""
         if self.token_file is not None:
             try:
-                token = Path(self.token_file).read_text(encoding="utf-8").strip()
-            except OSError as error:
-                raise ConfigError(f"reward.token_file: {error}") from None
-            source = f"reward.token_file {self.token_file!r}"
-        elif self.token_env is not None:
-            token = os.environ.get(self.token_env, "").strip()
-            source = f"reward.token_env: the environment variable {self.token_env}"
-        else:
+                return read_token_file(self.token_file, "reward.token_file")
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+        if self.token_env is None:
             return None
+        token = os.environ.get(self.token_env, "").strip()
         if not token:
-            raise ConfigError(f"{source} is empty; it must hold the bearer token")
+            raise ConfigError(
+                f"reward.token_env: the environment variable {self.token_env} is empty; it must hold the bearer token"
+            )
         return token
 
 
@@ -174,7 +170,8 @@ class EvalConfig:
     """A text file with one prompt per line, for set = "from_file"."""
     samples_per_prompt: int = 2
     seed: int = 2023
-    """Evaluation noise comes from its own generator with this seed: every evaluation sees the same noise."""
+    """Image i of every evaluation has its own generator, seeded seed + i (as ``ddpo eval --seed``): every evaluation
+    sees the same noise, and training never touches it."""
     every: int = 0
     """Also evaluate every N epochs (0: only before and after training)."""
 
@@ -238,6 +235,16 @@ class Config:
     def train_timesteps(self) -> int:
         return max(1, int(self.sample.num_steps * self.train.timestep_fraction))
 
+    def describe(self, num_processes: int, policy: str, start_epoch: int) -> str:
+        """The first line of a run's log: what trains (``policy``: "float16 on cuda"), on how many processes, against
+        which reward, how much."""
+        return (
+            f"{self.train.algorithm} on {self.model} (policy {policy}, {num_processes} process(es)), reward "
+            f"{self.reward.name!r} from {self.reward.server}: {self.samples_per_epoch(num_processes)} samples/epoch, "
+            f"{self.optimizer_steps_per_epoch()} optimizer steps/epoch, {self.train_timesteps()} of "
+            f"{self.sample.num_steps} steps trained, epochs {start_epoch + 1}..{self.num_epochs}"
+        )
+
 
 def preset_names() -> list[str]:
     return sorted(
@@ -253,7 +260,7 @@ def load_config(name_or_path: str | None, overrides: list[str] | None = None) ->
     for override in overrides or []:
         key, value = _parse_override(override)
         _set_dotted(data, key, value)
-    config: Config = _build(Config, data, prefix="")
+    config = build(Config, data)
     validate(config)
     return config
 
@@ -290,19 +297,12 @@ def _read_one(name_or_path: str) -> dict[str, Any]:
         return tomllib.loads(text)
     if not path.is_file():
         raise ConfigError(f"config file {name_or_path!r} does not exist")
-    text = path.read_text()
+    form = config_format(path)
+    if form is None:
+        raise ConfigError(f"config file {name_or_path!r}: use a .toml, .yaml or .yml file")
     try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            loaded = yaml.safe_load(text) or {}
-        elif path.suffix == ".toml":
-            loaded = tomllib.loads(text)
-        else:
-            raise ConfigError(f"config file {name_or_path!r}: use a .toml, .yaml or .yml file")
-    except (tomllib.TOMLDecodeError, ValueError) as error:
-        if isinstance(error, ConfigError):
-            raise
+        loaded = parse_config_text(path.read_text(), form)
+    except ConfigError as error:
         raise ConfigError(f"config file {name_or_path!r} is not valid: {error}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {name_or_path!r} must hold a table of settings")
@@ -329,62 +329,6 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
         node = child
     node[leaf] = value
-
-
-def _build(cls: type[Any], data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table of settings, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check_type(f"{prefix}{name}", hint, value)
-    return cls(**kwargs)
-
-
-def _check_type(key: str, hint: Any, value: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        if value not in typing.get_args(hint):
-            choices = ", ".join(repr(choice) for choice in typing.get_args(hint))
-            raise ConfigError(f"{key} = {value!r} is not one of {choices}")
-        return value
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        inner = [arg for arg in args if arg is not type(None)]
-        for arg in inner:
-            try:
-                return _check_type(key, arg, value)
-            except ConfigError:
-                if len(inner) == 1:
-                    raise
-        raise ConfigError(f"{key} must be {' or '.join(map(_describe, inner))}, got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_check_type(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
-    return value
-
-
-def _describe(hint: Any) -> str:
-    """A type as a config error names it: ``int``, ``'auto'``."""
-    if typing.get_origin(hint) is Literal:
-        return " or ".join(repr(choice) for choice in typing.get_args(hint))
-    return str(hint.__name__)
 
 
 def validate(config: Config) -> None:

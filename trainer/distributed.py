@@ -8,8 +8,12 @@ forever at the next gradient all-reduce.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from accelerate import Accelerator
 
@@ -40,6 +44,29 @@ def fail_together(accelerator: Accelerator, error: Exception | None) -> None:
         raise error
     message = bytes(gathered[failed[0], 1:].numpy()).rstrip(b"\0").decode(errors="replace")
     raise ProcessFailedError(f"process {failed[0]} of {accelerator.num_processes} failed: {message}")
+
+
+@contextlib.contextmanager
+def failing_together(accelerator: Accelerator, errors: tuple[type[Exception], ...]) -> Iterator[None]:
+    """Run the block on every process; if it raised one of ``errors`` on any, every process raises with it."""
+    try:
+        yield
+    except errors as error:
+        fail_together(accelerator, error)
+        raise
+    fail_together(accelerator, None)
+
+
+def gather_rewards(
+    accelerator: Accelerator, prompt_ids: list[int], rewards: npt.NDArray[np.float64]
+) -> tuple[list[int], npt.NDArray[np.float64], slice]:
+    """Every process's prompt ids and rewards (NaN: dropped), in process order, and the slice that is this one's."""
+    if accelerator.num_processes == 1:
+        return prompt_ids, rewards, slice(0, len(prompt_ids))
+    all_ids = accelerator.gather(torch.tensor(prompt_ids, device=accelerator.device)).cpu().tolist()
+    all_rewards = accelerator.gather(torch.as_tensor(rewards, device=accelerator.device)).cpu().numpy()
+    start = accelerator.process_index * len(prompt_ids)
+    return all_ids, all_rewards, slice(start, start + len(prompt_ids))
 
 
 def any_process(accelerator: Accelerator, flag: bool) -> bool:

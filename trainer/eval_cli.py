@@ -22,15 +22,17 @@ import dataclasses
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clients.connect import AnyRewardClient, check_address, open_client
+from clients.cli_support import EXIT_FAILED, EXIT_OK, EXIT_SERVICE, EXIT_USAGE, read_token_file
+from clients.connect import AnyRewardClient, check_address, check_rewards, open_client
 from clients.errors import RewardServiceError
-from clients.evaluation import ImageRecord, call_error, check_rewards, now, parse_reward_list, write_evaluation
+from clients.evaluation import ImageRecord, call_error, evaluation_settings, parse_reward_list, write_evaluation
 from clients.replicas import ADDRESS_FORMS
-from clients.score_cli import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_SERVICE, EXIT_USAGE
+from trainer.config import SampleConfig
+from trainer.evaluate import sample_seeded, seeded_images, seeded_settings
 from trainer.prompts import PROMPT_SETS, load_prompts
 
 if TYPE_CHECKING:
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     import torch
     from diffusers import StableDiffusionPipeline
+
+    from trainer.sampling import SampleBatch
 
 logger = logging.getLogger("ddpo.eval")
 BASE = "base"
@@ -164,23 +168,18 @@ class Settings:
     timeout: float
     out: Path
 
+    @property
+    def sampling(self) -> SampleConfig:
+        return SampleConfig(
+            num_steps=self.num_steps, eta=self.eta, guidance_scale=self.guidance_scale, batch_size=self.batch_size
+        )
+
     def to_json(self, prompt_spec: str) -> dict[str, Any]:
-        return {
-            "command": "ddpo eval",
-            "model": self.model,
-            "loras": {v.name: None if v.lora is None else str(v.lora) for v in self.variants},
-            "prompts": prompt_spec,
-            "prompt_count": len(self.prompts),
-            "samples_per_prompt": self.samples_per_prompt,
-            "seed": self.seed,
-            "eta": self.eta,
-            "steps": self.num_steps,
-            "guidance": self.guidance_scale,
-            "batch_size": self.batch_size,
-            "rewards": self.rewards,
-            "reward_server": self.server,
-            "created": now(),
-        }
+        loras = {v.name: None if v.lora is None else str(v.lora) for v in self.variants}
+        sampling = seeded_settings(
+            self.model, prompt_spec, len(self.prompts), self.samples_per_prompt, self.seed, self.sampling
+        )
+        return evaluation_settings("ddpo eval", self.rewards, self.server, loras=loras, **sampling)
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Settings:
@@ -201,7 +200,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Set
         prompts = resolve_prompts(args.prompts)
         variants = plan_variants(args.lora, args.compare_lora)
         check_address(args.reward_server)
-        token = args.auth_token_file.read_text().strip() if args.auth_token_file else None
+        token = read_token_file(args.auth_token_file, "--auth-token-file") if args.auth_token_file else None
         if args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {str(args.out)!r} exists and is not a folder")
     except (OSError, ValueError) as error:
@@ -259,46 +258,44 @@ def image_path(variant: str, prompt_index: int, sample: int) -> str:
 def evaluate(
     settings: Settings, pipeline: StableDiffusionPipeline, client: AnyRewardClient, device: torch.device
 ) -> tuple[list[ImageRecord], RewardServiceError | None]:
-    """Sample and score every variant; stops early (returning the error) if a scoring call fails as a whole."""
-    import torch
+    """Sample every variant from the same per-image seeds (``trainer.evaluate.sample_seeded``) and score each batch;
+    stops early (returning the error) if a scoring call fails as a whole."""
+    import contextlib
+
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from trainer.sampling import encode_prompts, sample_batch
+    from trainer.sampling import encode_prompts, sample_batches
 
-    plan = [(p, k) for p in range(len(settings.prompts)) for k in range(settings.samples_per_prompt)]
-    starts = range(0, len(plan), settings.batch_size)  # image i of the plan has seed settings.seed + i
+    images = seeded_images(len(settings.prompts), settings.samples_per_prompt, settings.seed)
     negative_embeds = encode_prompts(pipeline, [""], device)  # (1, L, D)
     records: list[ImageRecord] = []
     for variant in settings.variants:
         select_variant(pipeline, variant)
         (settings.out / "images" / variant.name).mkdir(parents=True, exist_ok=True)
-        logger.info("sampling %s: %d images in %d batches", variant.name, len(plan), len(starts))
-        for start in tqdm(starts, desc=f"ddpo eval: {variant.name}", unit="batch"):
-            batch = plan[start : start + settings.batch_size]
-            seeds = [settings.seed + start + j for j in range(len(batch))]
-            prompts = [settings.prompts[p] for p, _ in batch]
-            sampled = sample_batch(
-                pipeline,
-                pipeline.unet,
-                prompts,
-                negative_embeds,
-                settings.num_steps,
-                settings.guidance_scale,
-                settings.eta,
-                [torch.Generator().manual_seed(seed) for seed in seeds],
-                device,
-                allow_deterministic=True,
+
+        def sample(batches: Iterable[tuple[list[str], list[torch.Generator]]], what: str) -> Iterator[SampleBatch]:
+            config, autocast = settings.sampling, contextlib.nullcontext
+            return sample_batches(
+                pipeline, pipeline.unet, batches, negative_embeds, config, device, autocast, what, True
             )
+
+        batches = sample_seeded(images, settings.prompts, settings.batch_size, sample, f"ddpo eval: {variant.name}")
+        total = -(-len(images) // settings.batch_size)
+        logger.info("sampling %s: %d images in %d batches", variant.name, len(images), total)
+        for chunk, sampled in tqdm(batches, desc=f"ddpo eval: {variant.name}", unit="batch", total=total):
             batch_records = []
-            for (prompt_index, sample), seed, image in zip(batch, seeds, sampled.images, strict=True):
-                path = image_path(variant.name, prompt_index, sample)
-                Image.fromarray(image).save(settings.out / path)
+            for image, pixels in zip(chunk, sampled.images, strict=True):
+                path = image_path(variant.name, image.prompt_index, image.sample)
+                Image.fromarray(pixels).save(settings.out / path)
+                prompt = settings.prompts[image.prompt_index]
                 batch_records.append(
-                    ImageRecord(variant.name, settings.prompts[prompt_index], prompt_index, sample, seed, path)
+                    ImageRecord(variant.name, prompt, image.prompt_index, image.sample, image.seed, path)
                 )
             records.extend(batch_records)
-            failure = score_batch(client, settings.rewards, sampled.images, prompts, batch_records, settings.timeout)
+            failure = score_batch(
+                client, settings.rewards, sampled.images, sampled.prompts, batch_records, settings.timeout
+            )
             if failure is not None:
                 return records, failure
     return records, None
@@ -374,4 +371,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failure is not None:
         print(f"ddpo eval: reward service at {settings.server} failed, stopped early: {failure}", file=sys.stderr)
         return EXIT_SERVICE
-    return EXIT_ITEMS_FAILED if failed else EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK

@@ -21,11 +21,11 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 
 from clients import AnyRewardClient, ItemResult, RewardServiceError, open_client
+from clients.connect import check_rewards
 from clients.errors import ServiceUnavailableError as StreamUnavailableError
 
 if TYPE_CHECKING:
@@ -46,8 +46,8 @@ def connect(
     server: str, reward: str, token: str | None, ca_file: str | None, timeout: float, outage_timeout: float = 900.0
 ) -> AnyRewardClient:
     """A client for ``server`` (one or several replicas) once ``reward`` is SERVING there; RewardError at once if
-    nothing answers at ``server``, if it lacks the reward or the reward failed to load; waits up to ``timeout``
-    while it loads."""
+    nothing answers at ``server``, if it lacks the reward, the reward failed to load or is lower-is-better; waits up to
+    ``timeout`` while it loads (``clients.connect.check_rewards``)."""
     try:
         client = open_client(
             server, root_certificates=ca_file, auth_token=token, progress_timeout=timeout, outage_timeout=outage_timeout
@@ -55,28 +55,15 @@ def connect(
     except ValueError as error:
         raise RewardError(str(error)) from None
     try:
-        try:
-            offered = {info.name: info for info in client.list_rewards(timeout=10)}
-        except RewardServiceError as error:
-            if error.code != grpc.StatusCode.UNAVAILABLE:
-                raise
-            raise RewardError(
-                f"cannot connect to the reward service at {server} ({error.message}): start one with "
-                f"`ddpo serve --rewards {reward}`, or point --reward-server at one"
-            ) from None
-        if reward not in offered:
-            raise RewardError(f"reward {reward!r} is not offered by {server}; it offers: {', '.join(sorted(offered))}")
-        if offered[reward].load_error:
-            raise RewardError(f"reward {reward!r} could not be loaded by {server}: {offered[reward].load_error}")
-        if not offered[reward].higher_is_better:
+        logger.info("checking %s and waiting (up to %gs) until it serves %r", server, timeout, reward)
+        listed = check_rewards(client, server, [reward], timeout)
+        if reward in listed and not listed[reward].higher_is_better:  # {} from a Triton that cannot list rewards
             raise RewardError(
                 f"reward {reward!r} is lower-is-better; DDPO maximises its reward, so serve a negated version of it"
             )
-        logger.info("waiting (up to %gs) until %s serves %r", timeout, server, reward)
-        client.wait_ready(timeout=timeout, rewards=[reward])
     except (RewardServiceError, TimeoutError) as error:
         client.close()
-        raise RewardError(f"reward service at {server}: {error}") from None
+        raise RewardError(error.message if isinstance(error, RewardServiceError) else str(error)) from None
     except BaseException:
         client.close()
         raise

@@ -7,16 +7,20 @@ log-probability recomputed during training, or the importance ratio is not 1 bef
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
+from trainer.config import SampleConfig
 from trainer.ddim import DDIMStepOutput, check_trainable_schedule, ddim_step_with_logprob
-from trainer.precision import check_trajectory
+from trainer.precision import NonFiniteError, check_trajectory
 
 TINY_MODEL = "tiny"
 
@@ -203,3 +207,39 @@ def decode_images(pipeline: StableDiffusionPipeline, latents: torch.Tensor) -> n
     pixels = (pixels / 2 + 0.5).clamp(0, 1)
     images: npt.NDArray[np.uint8] = (pixels.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
     return images
+
+
+def sample_batches(
+    pipeline: StableDiffusionPipeline,
+    unet: UNet2DConditionModel,  # unwrapped: sampling needs no gradient synchronisation
+    batches: Iterable[tuple[list[str], torch.Generator | list[torch.Generator]]],
+    negative_embeds: torch.Tensor,
+    config: SampleConfig,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    what: str,
+    allow_deterministic: bool = False,
+) -> Iterator[SampleBatch]:
+    """One sampled batch per (prompts, generator(s)) pair (``sample_batch``), with the configured sampler, yielded as
+    soon as it is decoded. A batch with a non-finite latent or log-probability raises NonFiniteError, naming ``what``
+    and the batch, before it is yielded: it never reaches the reward service."""
+    for n, (prompts, generator) in enumerate(batches):
+        try:
+            with autocast():
+                batch = sample_batch(
+                    pipeline,
+                    unet,
+                    prompts,
+                    negative_embeds,
+                    config.num_steps,
+                    config.guidance_scale,
+                    config.eta,
+                    generator,
+                    device,
+                    allow_deterministic,
+                )
+        except NonFiniteError as error:
+            raise NonFiniteError(
+                f"{what}, sampling batch {n + 1}: these samples were not sent to the reward service: {error}"
+            ) from None
+        yield batch

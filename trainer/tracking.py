@@ -6,50 +6,103 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from clients.evaluation import ImageRecord
+
+LINE_HEIGHT = 12  # px per caption line in Pillow's default bitmap font
+CHAR_WIDTH = 6  # px per character of that font
 
 
 def image_grid(
     images: npt.NDArray[np.uint8],
     captions: Sequence[str],
     columns: int = 4,
-    caption_height: int = 12,
+    caption_lines: int = 2,
     min_width: int = 128,
 ) -> Image.Image:
-    """Tile (N, H, W, 3) images in rows of ``columns``, each with its caption in a strip underneath.
+    """Tile (N, H, W, 3) images in rows of ``columns``, each with its caption in a strip of ``caption_lines`` lines
+    underneath (``caption_text``).
 
-    Small images are enlarged (nearest neighbour) to at least ``min_width`` px wide so that captions fit; a caption
-    that is still too long loses the end of its prompt, never the reward after the last " | ".
+    Small images are enlarged (nearest neighbour) to at least ``min_width`` px wide so that captions fit.
     """
     count, height, width, _ = images.shape
     scale = max(1, math.ceil(min_width / width))
     height, width = height * scale, width * scale
     rows = math.ceil(count / columns)
-    cell_height = height + caption_height
+    cell_height = height + caption_lines * LINE_HEIGHT
     grid = Image.new("RGB", (columns * width, rows * cell_height), "white")
     draw = ImageDraw.Draw(grid)
-    max_chars = width // 6  # Pillow's default bitmap font is 6 px wide
     for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         x, y = (i % columns) * width, (i // columns) * cell_height
         grid.paste(Image.fromarray(image).resize((width, height), Image.Resampling.NEAREST), (x, y))
-        draw.text((x + 2, y + height), _shorten(caption, max_chars), fill="black")
+        for n, line in enumerate(caption_text(caption, width // CHAR_WIDTH, caption_lines)):
+            draw.text((x + 2, y + height + n * LINE_HEIGHT), line, fill="black")
     return grid
 
 
-def _shorten(caption: str, max_chars: int) -> str:
-    if len(caption) <= max_chars:
-        return caption
+def caption_text(caption: str, width: int, lines: int) -> list[str]:
+    """A "prompt | reward" caption as at most ``lines`` lines of ``width`` characters, wrapped at spaces.
+
+    A caption too long even so loses the middle of its prompt, never its ends or the reward: the words that tell
+    prompts apart (the subject first, the shape or the style last) stay readable.
+    """
+    wrapped = textwrap.wrap(caption, width)
+    if len(wrapped) <= lines:
+        return wrapped
     prompt, sep, reward = caption.rpartition(" | ")
     if not sep:
-        return caption[: max_chars - 1] + "…"
-    keep = max(1, max_chars - len(sep) - len(reward) - 1)
-    return f"{prompt[:keep]}…{sep}{reward}"
+        prompt, reward = caption, ""
+    keep = max(2, lines * width - len(sep) - len(reward) - 1)  # the prompt's characters, beside "…"
+    head = (keep + 1) // 2
+    text = f"{prompt[:head]}…{prompt[len(prompt) - (keep - head) :]}{sep}{reward}"
+    return [text[i : i + width] for i in range(0, len(text), width)][:lines]
+
+
+# metrics.jsonl's flat names -> TensorBoard's and W&B's, grouped in sections; names not listed stay as they are
+TAGS = {
+    "reward_mean": "reward/mean",
+    "reward_std": "reward/std",
+    "samples": "reward/samples",
+    "dropped": "reward/dropped",
+    "rewards_ready_frac": "reward/ready_frac",
+    "reward_resent": "reward/resent",
+    "reward_replicas": "reward/replicas",
+    "loss": "loss/total",
+    "policy_loss": "loss/policy",
+    "kl": "loss/kl",
+    "approx_kl": "loss/approx_kl",
+    "clipfrac": "loss/clipfrac",
+    "grad_norm": "loss/grad_norm",
+    "ratio_check": "loss/ratio_check",
+    "skipped_steps": "loss/skipped_steps",
+    "sample_s": "time/sample_s",
+    "reward_wait_s": "time/reward_wait_s",
+    "train_s": "time/train_s",
+    "prompts_tracked": "stat_tracking/prompts_tracked",
+    "mean_buffer_len": "stat_tracking/mean_buffer_len",
+    "global_step": "run/global_step",
+    "processes": "run/processes",
+}
+
+
+def describe_epoch(metrics: dict[str, Any], reward: str) -> str:
+    """An epoch's line in the run's log: its reward and where the time went."""
+    m = metrics
+    return (
+        f"epoch {m['epoch']}: {reward} {m['reward_mean']:.4f} ± {m['reward_std']:.4f} over {m['samples']} samples "
+        f"(sampling {m['sample_s']:.1f}s, reward wait {m['reward_wait_s']:.2f}s, training {m['train_s']:.1f}s)"
+    )
 
 
 class RunLogger:
@@ -89,11 +142,12 @@ class RunLogger:
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as file:
             file.write(json.dumps(metrics) + "\n")
-        numbers = {k: v for k, v in _flatten(metrics).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        tagged = {TAGS.get(key, key): value for key, value in metrics.items() if key != "epoch"}
+        numbers = {k: v for k, v in _flatten(tagged).items() if isinstance(v, int | float) and not isinstance(v, bool)}
         step = int(metrics["epoch"])
         if self._tensorboard is not None:
             for key, value in numbers.items():
-                if key != "epoch" and math.isfinite(value):
+                if math.isfinite(value):
                     self._tensorboard.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(numbers, step=step)
@@ -121,30 +175,52 @@ class RunLogger:
             self._wandb.log({tag: wandb_module.Image(grid, caption=" / ".join(captions))}, step=epoch)
         return path
 
-    def log_eval(self, summary: dict[str, Any], images: npt.NDArray[np.uint8], prompts: Sequence[str]) -> Path:
-        """One held-out evaluation: its images under eval/epoch_N/, a line of eval.jsonl, scalars and a grid.
-        Returns the folder eval/epoch_N/, where image i is ``{i:03d}.png``."""
-        epoch = int(summary["epoch"])
+    def save_eval_images(self, epoch: int, images: npt.NDArray[np.uint8]) -> Path:
+        """A held-out evaluation's images as eval/epoch_N/{i:03d}.png; returns the folder."""
         folder = self.run_dir / "eval" / f"epoch_{epoch:06d}"
         folder.mkdir(parents=True, exist_ok=True)
-        items = []
-        for i, (image, prompt, reward) in enumerate(zip(images, prompts, summary["rewards"], strict=True)):
+        for i, image in enumerate(images):
             Image.fromarray(image).save(folder / f"{i:03d}.png")
-            items.append({"prompt": prompt, "reward": reward, "image": f"eval/epoch_{epoch:06d}/{i:03d}.png"})
-        line = {key: value for key, value in summary.items() if key != "rewards"} | {"items": items}
+        return folder
+
+    def log_eval(
+        self,
+        epoch: int,
+        records: Sequence[ImageRecord],
+        summary: dict[str, Any],
+        reward: str,
+        images: npt.NDArray[np.uint8],  # (N, H, W, 3), the records' images
+    ) -> dict[str, Any]:
+        """A held-out evaluation's line of eval.jsonl, derived from its results.jsonl records and summary.json's
+        statistics (one schema, one computation), its scalars and its grid; returns the line."""
+        folder = f"eval/epoch_{epoch:06d}"
+        stats = summary["rewards"][reward][f"epoch_{epoch}"]
+        scores = [record.rewards.get(reward) for record in records]
+        per_prompt = {p["prompt"]: p["mean"][reward][f"epoch_{epoch}"] for p in summary["per_prompt"]}
+        line = {
+            "epoch": epoch,
+            "reward_mean": stats["mean"],
+            "reward_std": stats["std"],
+            "samples": stats["count"],
+            "dropped": stats["failed"],
+            "per_prompt": {prompt: mean for prompt, mean in per_prompt.items() if mean is not None},
+            "items": [
+                {"prompt": r.prompt, "reward": score, "image": f"{folder}/{r.image}"}
+                for r, score in zip(records, scores, strict=True)
+            ],
+        }
         with self.eval_path.open("a") as file:
             file.write(json.dumps(line) + "\n")
-        scalars = {"eval/reward_mean": summary["reward_mean"], "eval/reward_std": summary["reward_std"]}
+        scalars = {"eval/reward_mean": stats["mean"], "eval/reward_std": stats["std"]}
         if self._tensorboard is not None:
             for key, value in scalars.items():
                 self._tensorboard.add_scalar(key, value, epoch)
         if self._wandb is not None:
             self._wandb.log(scalars, step=epoch)
-        scored = [i for i, reward in enumerate(summary["rewards"]) if reward is not None]
-        self.log_images(
-            epoch, images[scored], [prompts[i] for i in scored], [summary["rewards"][i] for i in scored], "eval"
-        )
-        return folder
+        scored = [i for i, score in enumerate(scores) if score is not None]
+        prompts = [str(records[i].prompt) for i in scored]
+        self.log_images(epoch, images[scored], prompts, [score for score in scores if score is not None], "eval")
+        return line
 
     def close(self) -> None:
         if self._tensorboard is not None:
@@ -170,10 +246,22 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def plot_rewards(run_dir: Path, reward: str) -> Path:
     """reward_curve.png: the training samples' reward per epoch (mean ± std) and the held-out evaluations."""
+    from matplotlib import pyplot as plt
+
+    figure = reward_curve(run_dir, reward)
+    path = run_dir / "reward_curve.png"
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def reward_curve(run_dir: Path, reward: str) -> Figure:
+    """The figure of ``plot_rewards``, with whole epochs on the x axis."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     metrics, evals = _read_jsonl(run_dir / "metrics.jsonl"), _read_jsonl(run_dir / "eval.jsonl")
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
@@ -192,16 +280,14 @@ def plot_rewards(run_dir: Path, reward: str) -> Path:
             capsize=3,
             label="held-out prompts, fixed seeds (mean ± s.e.)",
         )
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     axes.set_xlabel("epoch")
     axes.set_ylabel(reward)
     axes.set_title(f"DDPO on {reward}")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    path = run_dir / "reward_curve.png"
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return figure
 
 
 def before_after_grid(run_dir: Path, max_pairs: int = 18) -> Path | None:

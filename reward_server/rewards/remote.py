@@ -34,7 +34,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -43,6 +42,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from clients import AnyRewardClient, ItemResult, RewardInfo, RewardServiceError, open_client
+from clients.cli_support import read_token_file
 from reward_server.rewards.base import ImageSpec, ItemError, Metadata, Reward, RewardOutput, RewardSpec
 
 REMOTE = "remote"  # the reward type
@@ -162,9 +162,7 @@ class RemoteReward(Reward):
     def load(self) -> None:
         """Open the connection and, for grpc and triton, take the remote reward's spec (served under our name)."""
         if self._token_file is not None:
-            self._token = Path(self._token_file).read_text().strip()
-            if not self._token:
-                raise ValueError(f"auth_token_file {self._token_file} is empty")
+            self._token = read_token_file(self._token_file, f"reward {self.spec.name!r}: auth_token_file")
         scheme, remote = self.endpoint.scheme, self.endpoint.remote_name
         if scheme in ("http", "https"):
             return

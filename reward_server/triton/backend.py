@@ -22,10 +22,10 @@ from google.protobuf import json_format
 
 from clients import triton_contract as tc
 from reward_server.batching import ItemOutcome, score_items
+from reward_server.builder import build_rewards
 from reward_server.config import BATCHING_KEYS, ConfigError, RewardConfig, parse_config, reward_table
 from reward_server.plugins import plugin_module
 from reward_server.rewards import ItemError, Reward
-from reward_server.server import build_rewards
 from reward_server.wire import DecodedItem, ItemInvalid, check_prompt, spec_to_proto
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from clients.cli_support import EXIT_FAILED, EXIT_OK
 from reward_server.cli import add_reward_arguments, read_config
 from reward_server.config import ConfigError
 from reward_server.ports import check_free
@@ -21,11 +22,25 @@ from reward_server.triton.launch import tritonserver_command
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpo triton", description="Deploy the rewards on Triton Inference Server.")
     commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="write a Triton model repository, one model per reward")
+    export = commands.add_parser(
+        "export",
+        help="write a Triton model repository, one model per reward",
+        description="Write a Triton model repository with one Python-backend model per reward (the rewards of "
+        "--config, or --rewards with default settings), for `ddpo triton serve` or any tritonserver. Composites and "
+        "remote endpoints are refused: `ddpo serve` computes them. With --check, write nothing and exit 1 if --out "
+        "differs from what the export would write.",
+    )
     add_reward_arguments(export, "export")
     export.add_argument("--out", type=Path, required=True, help="model repository folder")
     export.add_argument("--check", action="store_true", help="write nothing; exit 1 if --out differs from the export")
-    serve = commands.add_parser("serve", help="run tritonserver (system or bundled) on a model repository")
+    serve = commands.add_parser(
+        "serve",
+        help="run tritonserver (system or bundled) on a model repository",
+        description="Run tritonserver on a model repository written by `ddpo triton export`: a system one (on PATH, or "
+        "the NGC image's /opt/tritonserver), else the one bundled with nvidia-pytriton (the triton extra). Clients "
+        "reach it at triton://HOST:GRPC_PORT. SIGTERM and SIGINT are passed on to it; its exit status is this "
+        "command's.",
+    )
     serve.add_argument("--model-repository", type=Path, required=True)
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     serve.add_argument("--grpc-port", type=int, default=8001)
@@ -43,10 +58,10 @@ def _export(args: argparse.Namespace) -> int:
             print(f"ddpo triton export --check: {args.out}: {problem}", file=sys.stderr)
         if problems:
             print("re-run the export without --check to update it", file=sys.stderr)
-        return 1 if problems else 0
+        return EXIT_FAILED if problems else EXIT_OK
     for path in export_repository(rewards, args.out):
         print(f"wrote {path}")
-    return 0
+    return EXIT_OK
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -84,4 +99,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     except (ValueError, RuntimeError, OSError) as error:
         print(f"ddpo triton {args.command}: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clients import triton_contract as tc
+from reward_server.builder import build_rewards
 from reward_server.composite import COMPOSITE
 from reward_server.config import RewardConfig
 from reward_server.rewards.remote import REMOTE
-from reward_server.server import build_rewards
 from reward_server.triton.backend import reward_config_json, spec_json
 
 MODEL_PY = '''\

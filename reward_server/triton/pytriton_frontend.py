@@ -5,8 +5,8 @@ function in this process; that function is ``answer_requests``, as in the export
 tensors, per-item answers and scores are the same. The ``triton://`` client talks to it on ``--port``.
 
 PyTriton loads its models through Triton's load API, so they are not in a repository index and the client cannot
-list them (``list_rewards`` says so): ``ddpo train``, which checks its reward in the listing first, needs the exported
-repository (``ddpo triton serve``) or the gRPC server.
+list them (``list_rewards`` says so): ``ddpo train`` and ``ddpo eval`` then only wait until the server is ready
+(``clients.connect.check_rewards``), and a missing reward shows in its answers.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from clients import triton_contract as tc
+from reward_server.builder import build_rewards
 from reward_server.config import ConfigError, ServerConfig
 from reward_server.ports import check_free
 from reward_server.rewards import Reward
-from reward_server.server import build_rewards
 from reward_server.triton.backend import answer_requests
 from reward_server.triton.launch import python_library_path
 
