@@ -75,6 +75,9 @@ def test_batched_timesteps_give_the_per_timestep_gradients(
     trainer: Trainer, data: Epoch, algorithm: str, cfg: bool
 ) -> None:
     reference_terms, reference = gradients(trainer, data, 1, algorithm=algorithm, cfg=cfg)
+    # the configured algorithm is the one that ran (its own loss terms)
+    assert ("kl" in reference_terms) == (algorithm == "ddpo_is_kl")
+    assert ("clipfrac" in reference_terms) == (algorithm != "rwr")
     assert all(torch.isfinite(g).all() for g in reference)
     assert sum(float(g.abs().max()) for g in reference) > 0
     if algorithm == "ddpo_is":

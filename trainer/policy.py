@@ -106,9 +106,13 @@ class Policy:
     base: UNet2DConditionModel  # the same UNet unwrapped, whose LoRA adapter can be switched off
     scheduler: DDIMScheduler
     negative_embeds: torch.Tensor  # (1, L, D): the empty prompt
-    guidance_scale: float  # the sampler's, or 1 when train.cfg is off
-    eta: float
+    config: Config  # the run's, read at every call
     frozen_reference: torch.nn.Module | None = None  # full fine-tuning's pretrained copy (``frozen_copy``)
+
+    @property
+    def guidance_scale(self) -> float:
+        """The sampler's guidance, or 1 (the conditional prediction alone) when train.cfg is off."""
+        return self.config.sample.guidance_scale if self.config.train.cfg else 1.0
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[torch.nn.Module]:
@@ -135,6 +139,6 @@ class Policy:
             data.prompt_embeds[samples],
             self.negative_embeds,
             self.guidance_scale,
-            self.eta,
+            self.config.sample.eta,
             prev_latents=data.latents[samples, step_index + 1],  # x_{t−1}, as sampled
         )

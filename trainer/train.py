@@ -88,19 +88,18 @@ class Trainer:
         t = config.train
         self.optimizer = make_optimizer(self.pipeline.unet, t)
         self.unet, self.optimizer = self.accelerator.prepare(self.pipeline.unet, self.optimizer)
-        self.algorithm = ALGORITHMS[t.algorithm]
         base = self.accelerator.unwrap_model(self.unet)
+        full_kl = ALGORITHMS[t.algorithm].reference and not config.lora.enabled  # LoRA's reference: adapter off
         self.policy = Policy(
             unet=self.unet,
             base=base,
             scheduler=self.pipeline.scheduler,
             negative_embeds=encode_prompts(self.pipeline, [""], self.device),
-            guidance_scale=config.sample.guidance_scale if t.cfg else 1.0,  # train.cfg off: the conditional UNet
-            eta=config.sample.eta,
-            frozen_reference=frozen_copy(base) if self.algorithm.reference and not config.lora.enabled else None,
+            config=config,
+            frozen_reference=frozen_copy(base) if full_kl else None,
         )
         self.update = PolicyUpdate(
-            self.accelerator, self.policy, self.optimizer, t, self.generators["training"], dtype_name(self.dtype)
+            self.accelerator, self.policy, self.optimizer, config, self.generators["training"], dtype_name(self.dtype)
         )
         self.stat_tracker = PerPromptStatTracker(config.stat_tracking.buffer_size, config.stat_tracking.min_count)
         self.checkpoints = RunCheckpoints(
@@ -297,7 +296,7 @@ class Trainer:
         scored_prompts = [self.prompts.prompts[i] for i, ok in zip(all_ids, scored, strict=True) if ok]
         tracker = self.stat_tracker if self.config.stat_tracking.per_prompt else None
         weights = np.zeros(len(all_rewards))
-        weights[scored] = self.algorithm.weights(scored_prompts, all_rewards[scored], self.config.train, tracker)
+        weights[scored] = self.update.algorithm.weights(scored_prompts, all_rewards[scored], self.config.train, tracker)
         return Epoch.of(batches, all_rewards[scored], weights[mine], int((~scored).sum()), self.device)
 
     # ------------------------------------------------------------------ the update

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from trainer.algorithms import ALGORITHMS, Terms
+from trainer.algorithms import ALGORITHMS, Algorithm, Terms
 from trainer.config import Config, TrainConfig
 from trainer.distributed import any_process, max_over_processes
 from trainer.policy import Epoch, Policy
@@ -59,15 +59,22 @@ class PolicyUpdate:
         accelerator: Accelerator,
         policy: Policy,
         optimizer: torch.optim.Optimizer,
-        config: TrainConfig,
+        config: Config,  # read at every call, so that a change of config.train takes effect
         generator: torch.Generator,  # RWR's draws of timesteps and noise
         dtype_name: str,  # the policy's, for messages
     ) -> None:
-        self.accelerator, self.policy, self.optimizer, self.config = accelerator, policy, optimizer, config
-        self.algorithm = ALGORITHMS[config.algorithm]
+        self.accelerator, self.policy, self.optimizer, self.run_config = accelerator, policy, optimizer, config
         self.generator = generator
         self.dtype_name = dtype_name
         self._probed_per_call: int | None = None  # timesteps_per_call = 'auto' on a GPU, once probed
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.run_config.train
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return ALGORITHMS[self.config.algorithm]
 
     def loss(self, data: Epoch, indices: torch.Tensor, steps: torch.Tensor) -> Terms:
         """The algorithm's loss terms for samples ``indices`` (B) at their recorded steps ``steps`` (B, k)."""
