@@ -69,7 +69,8 @@ def one_step_weights(address: str, profile: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as run_dir:
         trainer = Trainer(load_config("tiny", [f"run_dir='{run_dir}'", f"reward.server='{address}'", *QUIET]))
         prompts = load_prompts("shapes")
-        batches = list(trainer.sample([prompts[:8], prompts[8:16]], torch.Generator().manual_seed(0), "bench"))
+        generator = torch.Generator().manual_seed(0)  # drawn on batch after batch, as in training
+        batches = list(trainer.sample([(prompts[:8], generator), (prompts[8:16], generator)], "bench"))
         data = trainer._epoch_data(batches, np.linspace(-1.0, 1.0, 16))
         unet = trainer.accelerator.unwrap_model(trainer.unet)
         start = {k: v.clone() for k, v in unet.state_dict().items() if "lora" in k}

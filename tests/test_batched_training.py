@@ -43,7 +43,7 @@ def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trainer]:
 def data(trainer: Trainer) -> Epoch:
     """An epoch of 8 samples, then the LoRA moved off its zero init so that ratios differ from 1 and clip."""
     prompts = load_prompts("shapes")[:8]
-    batches = list(trainer.sample([prompts], torch.Generator().manual_seed(0), "test"))
+    batches = list(trainer.sample([(prompts, torch.Generator().manual_seed(0))], "test"))
     epoch = trainer._epoch_data(batches, np.linspace(-1.0, 1.0, 8))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():

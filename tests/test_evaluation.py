@@ -20,7 +20,7 @@ from PIL import Image
 
 from clients import RewardClient
 from clients.evaluation import read_results
-from tests.support import ROOT, ServerProcess
+from tests.support import ROOT, RejectPrompt, ServerProcess, ServerThread, SlowReward
 from trainer.config import load_config
 from trainer.train import Trainer
 
@@ -537,29 +537,62 @@ def test_the_report_renders_in_headless_chromium_with_every_image(
     assert loaded_counts(tmp_path, broken / "report.html") == (3, 1, "3 of 4 images loaded (1 failed)")
 
 
-def test_a_failed_held_out_item_keeps_its_error(jpeg_server: ServerProcess, base_eval: Path, tmp_path: Path) -> None:
-    """An item the service failed (kept by --on-reward-error=drop) is recorded with its error, not as a number."""
-    from clients import EncodedImage
-    from clients.evaluation import write_evaluation
-    from trainer.evaluate import EvalResult, seeded_images
+def test_sample_and_score_saves_records_and_applies_the_run_policy(tmp_path: Path) -> None:
+    """The one evaluation path of ddpo eval and the held-out evaluation, against a real server: each image saved at
+    its path from its own generator, every reward's answer recorded, an item the service failed kept with its error
+    (never a number), and a training run's on_error policy applied."""
+    import torch
 
-    good = (base_eval / "images" / "base" / "000_00.png").read_bytes()
-    with RewardClient(jpeg_server.address) as client:
-        answers = client.score("jpeg_compressibility", [EncodedImage(good), EncodedImage(good[:100])])
-    result = EvalResult(3, ["a", "a"], np.zeros((2, 4, 4, 3), np.uint8), np.array([answers.items[0].score, np.nan]))
-    records = result.records("jpeg_compressibility", seeded_images(1, 2, seed=7), answers.failed)
-    write_evaluation(tmp_path, records, ["jpeg_compressibility"], {"epoch": 3})
-    first, second = read_results(tmp_path / "results.jsonl")
-    assert first["rewards"] == {"jpeg_compressibility": answers.items[0].score}
-    assert (second["variant"], second["prompt_index"], second["sample"], second["image"]) == (
-        "epoch_3",
-        0,
-        1,
-        "001.png",
-    )
-    assert second["rewards"] == {"jpeg_compressibility": None}
-    assert (first["seed"], second["seed"]) == (7, 8)  # each image's own seed
-    assert second["errors"]["jpeg_compressibility"].startswith("INVALID_ARGUMENT: ")
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["rewards"]["jpeg_compressibility"]["epoch_3"]["failed"] == 1
-    assert summary["settings"] == {"epoch": 3}
+    from clients import open_client
+    from trainer.evaluate import sample_and_score, seeded_images
+    from trainer.rewards import RewardError
+    from trainer.sampling import SampleBatch
+
+    def sample(batches: Any, what: str) -> Any:
+        """Images of one grey level: the seed of the image's own generator."""
+        for prompts, generators in batches:
+            images = np.stack([np.full((8, 8, 3), g.initial_seed(), np.uint8) for g in generators])
+            yield SampleBatch(prompts, *(torch.zeros(0),) * 4, images)
+
+    prompts = ["a red circle", "a blue square"]
+    with (
+        ServerThread([RejectPrompt("a blue square"), SlowReward("slow", delay=0.0)]) as server,
+        open_client(server.address) as client,
+    ):
+
+        def evaluate(on_error: str | None) -> tuple[list[Any], Exception | None]:
+            return sample_and_score(
+                seeded_images(len(prompts), 2, seed=7),
+                prompts,
+                sample,
+                3,  # batches of 3 and 1
+                client=client,
+                rewards=["reject_prompt", "slow"],
+                timeout=30,
+                on_error=on_error,
+                variant="epoch_3",
+                out=tmp_path / str(on_error),
+                image_path=lambda i, image: f"{image.prompt_index}/{i:03d}.png",
+                what="the test",
+            )
+
+        records, error = evaluate(None)
+        dropped, _ = evaluate("drop")
+        with pytest.raises(RewardError, match=r"'reject_prompt' failed for 2 of 4 items; item 2 \(prompt 'a blue"):
+            evaluate("fail")
+    assert error is None
+    assert [(r.variant, r.prompt, r.prompt_index, r.sample, r.seed, r.image) for r in records] == [
+        ("epoch_3", "a red circle", 0, 0, 7, "0/000.png"),
+        ("epoch_3", "a red circle", 0, 1, 8, "0/001.png"),
+        ("epoch_3", "a blue square", 1, 0, 9, "1/002.png"),
+        ("epoch_3", "a blue square", 1, 1, 10, "1/003.png"),
+    ]
+    assert [pixels(tmp_path / "None" / r.image).max() for r in records] == [7, 8, 9, 10]
+    assert [r.rewards for r in records] == [
+        {"reject_prompt": 7.0, "slow": 7.0},
+        {"reject_prompt": 8.0, "slow": 8.0},
+        {"reject_prompt": None, "slow": 9.0},
+        {"reject_prompt": None, "slow": 10.0},
+    ]
+    assert records[2].errors == {"reject_prompt": "FAILED_PRECONDITION: cannot judge 'a blue square'"}
+    assert [r.to_json() for r in dropped] == [r.to_json() for r in records]

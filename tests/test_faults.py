@@ -1,5 +1,6 @@
-"""`ddpo train` against reward servers that die, restart, stay away or are absent, and against Ctrl-C; secrets kept
-out of every file. Real processes throughout: `ddpo serve` (or tests/slow_server.py) and `ddpo train`.
+"""`ddpo train` and `ddpo eval` against reward servers that die, restart, stay away or are absent, and against
+Ctrl-C; secrets kept out of every file. Real processes throughout: `ddpo serve` (or tests/slow_server.py), `ddpo train`
+and `ddpo eval`.
 
 JPEG rewards are deterministic, so a run that lost or double-counted an item would end with other weights than an
 undisturbed run with the same seed: several tests compare the final LoRA bit for bit.
@@ -17,10 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+from PIL import Image
 
 from clients import RewardClient, RewardServiceError
 from clients.admin import AdminClient
+from clients.evaluation import read_results
 from tests.support import (
     DDPO,
     ROOT,
@@ -104,6 +108,71 @@ def test_a_server_gone_for_good_stops_the_run_which_resumes_later(undisturbed: P
     assert resumed.returncode == 0, resumed.stderr
     assert [m["epoch"] for m in read_metrics(tmp_path)] == [1, 2]
     assert_same_lora(undisturbed, tmp_path)
+
+
+def start_eval(address: str, out: Path, *args: str) -> subprocess.Popen[str]:
+    """`ddpo eval` of the tiny base model: 2 prompts × 4 samples in batches of 2, scored with jpeg_compressibility."""
+    prompts = out.parent / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    command = [*DDPO, "eval", "--model=tiny", f"--prompts={prompts}", "--samples-per-prompt=4", "--seed=0"]
+    command += ["--num-steps=4", "--batch-size=2", "--rewards=jpeg_compressibility", f"--reward-server={address}"]
+    command += [f"--out={out}", *args]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_eval_through_a_server_restart_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    server = SlowServer(free_port())
+    server.start()
+    evaluation = start_eval(server.address, tmp_path / "out")
+    try:
+        server.wait_started(2)  # the first batch is being scored: no answer yet
+        server.kill()
+        time.sleep(3)
+        server.start()
+        stdout, stderr = evaluation.communicate(timeout=300)
+        assert evaluation.returncode == 0, stderr
+        results = read_results(tmp_path / "out" / "results.jsonl")
+        assert len({line["image"] for line in results}) == len(results) == 8  # each image once
+        assert server.started_items == 8  # the restarted server scored every image again, and nothing twice
+        with RewardClient(server.address) as client:  # every score is that of the saved image
+            saved = [np.asarray(Image.open(tmp_path / "out" / line["image"]).convert("RGB")) for line in results]
+            direct = client.score("jpeg_compressibility", saved)
+    finally:
+        evaluation.kill()
+        server.stop()
+    assert [line["rewards"]["jpeg_compressibility"] for line in results] == [item.score for item in direct.items]
+    assert "(8 scored, 0 failed)" in stdout
+
+
+def test_eval_with_a_server_gone_for_good_records_what_it_could_not_score(tmp_path: Path) -> None:
+    server = SlowServer(free_port())
+    server.start()
+    evaluation = start_eval(server.address, tmp_path / "out", "--outage-timeout=3")
+    try:
+        server.wait_started(3)  # the second server batch began: the first batch of 2 has been answered
+        time.sleep(0.5)
+        server.kill()
+        stdout, stderr = evaluation.communicate(timeout=120)  # the budget is 3 s: it must not wait much longer
+    finally:
+        evaluation.kill()
+        server.stop()
+    assert evaluation.returncode == 3, stderr
+    results = read_results(tmp_path / "out" / "results.jsonl")
+    assert len(results) == 8
+    assert all((tmp_path / "out" / line["image"]).is_file() for line in results)  # every image was still saved
+    scores = [line["rewards"]["jpeg_compressibility"] for line in results]
+    assert all(score is not None for score in scores[:2])
+    assert scores[2:] == [None] * 6
+    unavailable = f"UNAVAILABLE: no reward server of {server.address} has answered since "
+    assert all(line["errors"]["jpeg_compressibility"].startswith(unavailable) for line in results[2:])
+    assert "(3s, outage_timeout; probed every 2s)" in results[2]["errors"]["jpeg_compressibility"]
+    assert "jpeg_compressibility\tbase\t" in stdout
+    assert "(2 scored, 6 failed)" in stdout
+    failed = f"ddpo eval: the reward service failed: ScoreStream: UNAVAILABLE: no reward server of {server.address} "
+    assert failed in stderr
+    assert "Traceback" not in stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["rewards"]["jpeg_compressibility"]["base"]["failed"] == 6
 
 
 def test_slow_sampling_never_times_out_the_rewards(jpeg_server: ServerProcess, tmp_path: Path) -> None:

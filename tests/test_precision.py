@@ -49,7 +49,7 @@ def make_trainer(server: ServerThread, tmp_path: Path, *overrides: str) -> Train
 
 
 def sample(trainer: Trainer, seed: int = 0) -> list[SampleBatch]:
-    return list(trainer.sample([PROMPTS], torch.Generator().manual_seed(seed), "test"))
+    return list(trainer.sample([(PROMPTS, torch.Generator().manual_seed(seed))], "test"))
 
 
 def epoch_data(trainer: Trainer, batches: list[SampleBatch]) -> Epoch:

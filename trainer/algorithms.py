@@ -89,6 +89,10 @@ class RecordedPairs:
         step = policy.step(data, samples, step_index)
         return cls(samples, step_index, step, data.log_probs[samples, step_index], data.weights[samples])
 
+    def clipped_surrogate(self, clip_range: float) -> Terms:
+        """DDPO-IS's terms over these pairs (``losses.ddpo_is_loss``)."""
+        return self.terms(losses.ddpo_is_loss(self.step.log_prob, self.old_log_prob, self.advantages, clip_range))
+
     def terms(self, objective: losses.LossTerms) -> Terms:
         """The objective's terms, with max |π_θ/π_old − 1| (inf for NaN) for the ratio self-check."""
         with torch.no_grad():
@@ -105,8 +109,7 @@ class RecordedPairs:
 def importance_sampling_loss(
     policy: Policy, data: Epoch, indices: torch.Tensor, steps: torch.Tensor, t: TrainConfig, _: torch.Generator
 ) -> Terms:
-    pairs = RecordedPairs.of(policy, data, indices, steps)
-    return pairs.terms(losses.ddpo_is_loss(pairs.step.log_prob, pairs.old_log_prob, pairs.advantages, t.clip_range))
+    return RecordedPairs.of(policy, data, indices, steps).clipped_surrogate(t.clip_range)
 
 
 def score_function_loss(
@@ -122,7 +125,7 @@ def kl_regularised_loss(
     """DDPO-IS plus kl_coef · KL(π_θ ‖ π_ref) per step, π_ref the pretrained model (no gradient through it)."""
     pairs = RecordedPairs.of(policy, data, indices, steps)
     step = pairs.step
-    out = pairs.terms(losses.ddpo_is_loss(step.log_prob, pairs.old_log_prob, pairs.advantages, t.clip_range))
+    out = pairs.clipped_surrogate(t.clip_range)
     with torch.no_grad(), policy.reference() as reference:
         ref = policy.step(data, pairs.samples, pairs.step_index, unet=reference)
     if t.kl_estimator == "exact":

@@ -117,10 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
     from trainer.checkpoint import list_checkpoints
-    from trainer.train import STOPS, train
+    from trainer.train import STOPS, Trainer
 
     try:
-        final = train(config, resume=args.resume, overwrite=args.overwrite, client=client)
+        final = Trainer(config, args.resume, args.overwrite, client).run()
     except KeyboardInterrupt:  # Ctrl-C before training started (during training it stops at a safe point)
         print("ddpo train: interrupted before training started; nothing was saved", file=sys.stderr)
         return 130

@@ -235,6 +235,12 @@ class Config:
     def train_timesteps(self) -> int:
         return max(1, int(self.sample.num_steps * self.train.timestep_fraction))
 
+    def eval_due(self, epoch: int) -> bool:
+        """Whether the held-out evaluation runs once ``epoch`` epochs are done: before training, every
+        ``eval.every`` epochs, and after the last."""
+        e = self.eval
+        return e.enabled and (epoch in (0, self.num_epochs) or bool(e.every and epoch % e.every == 0))
+
     def describe(self, num_processes: int, policy: str, start_epoch: int) -> str:
         """The first line of a run's log: what trains (``policy``: "float16 on cuda"), on how many processes, against
         which reward, how much."""

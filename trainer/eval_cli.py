@@ -11,14 +11,18 @@ the --compare-lora one) is sampled from the same seeds. --eta 0 is deterministic
 outputs in --out (images/, results.jsonl, summary.json, report.html) are described in docs/evaluation.md.
 
 Exit status, as ddpo score: 0 when every image was scored with every reward, 1 when some items failed (each failure
-is printed; the outputs are still written), 2 for bad usage, 3 when the reward service could not be used (the
-outputs of what was done are still written if it failed mid-run).
+is printed; the outputs are still written), 2 for bad usage, 3 when the reward service could not be used. Each batch
+is scored while the next one samples; a server that restarts, or a replica that dies, mid-run loses nothing (its
+unanswered images go again). One that stays away longer than --outage-timeout ends the run with status 3 after the
+variant being evaluated: its images are saved, those left unscored are recorded with the error, and the outputs
+are written.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import re
 import sys
@@ -29,15 +33,13 @@ from typing import TYPE_CHECKING, Any
 from clients.cli_support import EXIT_FAILED, EXIT_OK, EXIT_SERVICE, EXIT_USAGE, read_token_file
 from clients.connect import AnyRewardClient, check_address, check_rewards, open_client
 from clients.errors import RewardServiceError
-from clients.evaluation import ImageRecord, call_error, evaluation_settings, parse_reward_list, write_evaluation
+from clients.evaluation import ImageRecord, evaluation_settings, parse_reward_list, write_evaluation
 from clients.replicas import ADDRESS_FORMS
 from trainer.config import SampleConfig
-from trainer.evaluate import sample_seeded, seeded_images, seeded_settings
+from trainer.evaluate import SeededImage, sample_and_score, seeded_images, seeded_settings
 from trainer.prompts import PROMPT_SETS, load_prompts
 
 if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -143,7 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rewards", required=True, help="comma-separated reward names, e.g. a,b")
     parser.add_argument("--reward-server", required=True, help=ADDRESS_FORMS)
     parser.add_argument("--auth-token-file", type=Path, help="file holding the service's bearer token")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the service and per call")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for the service to serve, and for each answer"
+    )
+    parser.add_argument(
+        "--outage-timeout",
+        type=float,
+        default=120.0,
+        help="seconds the service may stay away mid-run (a restart, lost replicas) before eval gives up (default 120)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -166,6 +176,7 @@ class Settings:
     server: str
     token: str | None
     timeout: float
+    outage_timeout: float
     out: Path
 
     @property
@@ -194,8 +205,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Set
         for flag in ("num_steps", "batch_size"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-        if args.timeout <= 0:
-            raise ValueError(f"--timeout must be > 0, got {args.timeout}")
+        for flag in ("timeout", "outage_timeout"):
+            if getattr(args, flag) <= 0:
+                raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
         rewards = parse_reward_list(args.rewards)
         prompts = resolve_prompts(args.prompts)
         variants = plan_variants(args.lora, args.compare_lora)
@@ -220,6 +232,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Set
         server=args.reward_server,
         token=token,
         timeout=args.timeout,
+        outage_timeout=args.outage_timeout,
         out=args.out,
     )
 
@@ -251,78 +264,51 @@ def select_variant(pipeline: StableDiffusionPipeline, variant: Variant) -> None:
         pipeline.set_adapters([variant.name])
 
 
-def image_path(variant: str, prompt_index: int, sample: int) -> str:
-    return f"images/{variant}/{prompt_index:03d}_{sample:02d}.png"
+def image_path(variant: str, _: int, image: SeededImage) -> str:
+    """Where ``ddpo eval`` saves a variant's image: images/<variant>/<prompt_index:03d>_<sample:02d>.png."""
+    return f"images/{variant}/{image.prompt_index:03d}_{image.sample:02d}.png"
 
 
 def evaluate(
     settings: Settings, pipeline: StableDiffusionPipeline, client: AnyRewardClient, device: torch.device
-) -> tuple[list[ImageRecord], RewardServiceError | None]:
-    """Sample every variant from the same per-image seeds (``trainer.evaluate.sample_seeded``) and score each batch;
-    stops early (returning the error) if a scoring call fails as a whole."""
+) -> tuple[list[ImageRecord], Exception | None]:
+    """Every variant sampled from the same per-image seeds and scored with every reward
+    (``trainer.evaluate.sample_and_score``); returns the records and a reward stream's failure, if any: its items
+    are recorded with it, and the variants after it are not sampled."""
     import contextlib
-
-    from PIL import Image
-    from tqdm.auto import tqdm
 
     from trainer.sampling import encode_prompts, sample_batches
 
     images = seeded_images(len(settings.prompts), settings.samples_per_prompt, settings.seed)
     negative_embeds = encode_prompts(pipeline, [""], device)  # (1, L, D)
+
+    def sample(batches: Iterable[tuple[list[str], list[torch.Generator]]], what: str) -> Iterator[SampleBatch]:
+        """The pipeline's model, whichever adapter is selected, without autocast; eta = 0 allowed."""
+        config, autocast = settings.sampling, contextlib.nullcontext
+        return sample_batches(pipeline, pipeline.unet, batches, negative_embeds, config, device, autocast, what, True)
+
     records: list[ImageRecord] = []
     for variant in settings.variants:
         select_variant(pipeline, variant)
-        (settings.out / "images" / variant.name).mkdir(parents=True, exist_ok=True)
-
-        def sample(batches: Iterable[tuple[list[str], list[torch.Generator]]], what: str) -> Iterator[SampleBatch]:
-            config, autocast = settings.sampling, contextlib.nullcontext
-            return sample_batches(
-                pipeline, pipeline.unet, batches, negative_embeds, config, device, autocast, what, True
-            )
-
-        batches = sample_seeded(images, settings.prompts, settings.batch_size, sample, f"ddpo eval: {variant.name}")
-        total = -(-len(images) // settings.batch_size)
-        logger.info("sampling %s: %d images in %d batches", variant.name, len(images), total)
-        for chunk, sampled in tqdm(batches, desc=f"ddpo eval: {variant.name}", unit="batch", total=total):
-            batch_records = []
-            for image, pixels in zip(chunk, sampled.images, strict=True):
-                path = image_path(variant.name, image.prompt_index, image.sample)
-                Image.fromarray(pixels).save(settings.out / path)
-                prompt = settings.prompts[image.prompt_index]
-                batch_records.append(
-                    ImageRecord(variant.name, prompt, image.prompt_index, image.sample, image.seed, path)
-                )
-            records.extend(batch_records)
-            failure = score_batch(
-                client, settings.rewards, sampled.images, sampled.prompts, batch_records, settings.timeout
-            )
-            if failure is not None:
-                return records, failure
+        logger.info("sampling and scoring %s: %d images", variant.name, len(images))
+        scored, error = sample_and_score(
+            images,
+            settings.prompts,
+            sample,
+            settings.batch_size,
+            client=client,
+            rewards=settings.rewards,
+            timeout=settings.timeout,
+            on_error=None,  # record every failure on its items
+            variant=variant.name,
+            out=settings.out,
+            image_path=functools.partial(image_path, variant.name),
+            what=f"ddpo eval: {variant.name}",
+        )
+        records.extend(scored)
+        if error is not None:  # the service stayed away for --outage-timeout: the next variant would wait as long
+            return records, error
     return records, None
-
-
-def score_batch(
-    client: AnyRewardClient,
-    rewards: Sequence[str],
-    images: npt.NDArray[np.uint8],  # (B, H, W, 3)
-    prompts: list[str],
-    records: Sequence[ImageRecord],
-    timeout: float,
-) -> RewardServiceError | None:
-    """Score the batch's uint8 pixels with every reward into ``records``; a call that fails as a whole is recorded
-    on its items and returned."""
-    failure = None
-    for reward in rewards:
-        try:
-            result = client.score(reward, images, prompts=prompts, timeout=timeout)
-        except RewardServiceError as error:
-            failure = error
-            for record in records:
-                record.add_error(reward, call_error(error))
-            continue
-        for record, item in zip(records, result.items, strict=True):
-            record.add_result(reward, item)
-    return failure
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -330,11 +316,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     settings = check_args(parser, args)
-    with open_client(settings.server, timeout=settings.timeout, auth_token=settings.token) as client:
+    client = open_client(
+        settings.server,
+        timeout=settings.timeout,
+        progress_timeout=settings.timeout,
+        outage_timeout=settings.outage_timeout,
+        auth_token=settings.token,
+    )
+    with client:
         try:
             check_rewards(client, settings.server, settings.rewards, settings.timeout)
-        except (RewardServiceError, TimeoutError) as error:
-            print(f"ddpo eval: reward service at {settings.server}: {error}", file=sys.stderr)
+        except (RewardServiceError, TimeoutError) as error:  # the message names the server
+            print(f"ddpo eval: {error}", file=sys.stderr)  # the message names the server
             return EXIT_SERVICE
         import torch  # only once the command line and the service are known to be usable
 
@@ -369,6 +362,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{reward}\t{variant}\t{mean}\t({values['count']} scored, {values['failed']} failed)")
     print(f"ddpo eval: wrote {len(records)} images, results.jsonl, summary.json and report.html to {settings.out}")
     if failure is not None:
-        print(f"ddpo eval: reward service at {settings.server} failed, stopped early: {failure}", file=sys.stderr)
+        print(f"ddpo eval: the reward service failed: {failure}", file=sys.stderr)
         return EXIT_SERVICE
     return EXIT_FAILED if failed else EXIT_OK

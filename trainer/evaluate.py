@@ -1,11 +1,13 @@
-"""Evaluation from fixed per-image seeds, the one noise scheme of ``ddpo eval`` and the trainer's held-out evaluation.
+"""Evaluation from fixed per-image seeds, then scored: ``sample_and_score`` is ``ddpo eval``'s and the trainer's
+held-out evaluation's one path from prompts to results.jsonl records.
 
 Image i of an evaluation (each prompt ``samples_per_prompt`` times in a row) has its own generator, seeded
 ``seed + i`` (``seeded_images``, ``sample_seeded``): its initial latents and every DDIM step's noise come from it
 alone, so an image depends on its prompt and seed only, not on the batch it was sampled in or the model being
 evaluated. The images of one prompt and seed before training and after it, or with and without a LoRA, differ only
 by what training changed. The held-out evaluation never touches the training generators: a run trains the same with
-evaluation on or off.
+evaluation on or off. Scoring streams each batch while the next one samples, as in training, and rides out reward
+servers that restart and replicas that die (``trainer.rewards.EpochRewards``).
 """
 
 from __future__ import annotations
@@ -17,11 +19,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 
-from clients import AnyRewardClient, ItemResult
-from clients.evaluation import RESULTS_FILE, ImageRecord, evaluation_settings, read_results, write_evaluation
+from clients import AnyRewardClient, RewardServiceError
+from clients.evaluation import (
+    RESULTS_FILE,
+    ImageRecord,
+    call_error,
+    evaluation_settings,
+    read_results,
+    write_evaluation,
+)
 from trainer.config import Config, SampleConfig
+from trainer.rewards import EpochRewards, EpochScores
 
 if TYPE_CHECKING:
     import torch
@@ -84,33 +93,76 @@ def seeded_settings(
     }
 
 
-@dataclasses.dataclass
-class EvalResult:
-    epoch: int  # 0: before training
-    prompts: list[str]
-    images: npt.NDArray[np.uint8]  # (N, H, W, 3)
-    rewards: npt.NDArray[np.float64]  # (N,) NaN where an item failed and was dropped
+def sample_and_score(
+    seeded: Sequence[SeededImage],
+    prompts: Sequence[str],
+    sample: Sampler,
+    batch_size: int,
+    *,
+    client: AnyRewardClient,
+    rewards: Sequence[str],
+    timeout: float,
+    on_error: str | None,
+    variant: str,
+    out: Path,
+    image_path: Callable[[int, SeededImage], str],
+    what: str,
+) -> tuple[list[ImageRecord], Exception | None]:
+    """Sample ``seeded`` from their own seeds, save image i as ``out / image_path(i, image)``, and stream each
+    decoded batch to every reward while the next one samples (``trainer.rewards.EpochRewards``: through restarts
+    and lost replicas). Returns the results.jsonl records of ``variant``, in ``seeded``'s order, and the error of a
+    reward stream that failed (the first), if any.
 
-    def records(self, reward: str, images: Sequence[SeededImage], failures: Sequence[ItemResult]) -> list[ImageRecord]:
-        """The lines of results.jsonl (``clients.evaluation``) for ``images``, saved as eval/epoch_N/{i:03d}.png.
+    ``on_error`` None records every failure on its items and never raises: an item the service failed keeps its
+    "CODE: message", and the items a failed stream left unanswered get the stream's error (``ddpo eval``).
+    "fail" or "drop" apply the training run's policy instead (``EpochRewards.check``: RewardError).
+    """
+    from PIL import Image
+    from tqdm.auto import tqdm
 
-        The variant is "epoch_N". ``failures`` are the items the service failed (their id is the item's position),
-        recorded with their "CODE: message".
-        """
-        failed = {int(result.id): result for result in failures}
-        records = []
-        for i, (prompt, score, image) in enumerate(zip(self.prompts, self.rewards, images, strict=True)):
-            record = ImageRecord(
-                f"epoch_{self.epoch}", prompt, image.prompt_index, image.sample, image.seed, f"{i:03d}.png"
-            )
-            if i in failed:
-                record.add_result(reward, failed[i])
-            elif np.isnan(score):
-                record.add_error(reward, "UNKNOWN: no score was recorded for this item")
-            else:
-                record.rewards[reward] = float(score)
-            records.append(record)
-        return records
+    streams = [EpochRewards(client, reward, timeout, on_error or "drop", what) for reward in rewards]
+    records = [
+        ImageRecord(variant, prompts[im.prompt_index], im.prompt_index, im.sample, im.seed, image_path(i, im))
+        for i, im in enumerate(seeded)
+    ]
+    batches = sample_seeded(seeded, prompts, batch_size, sample, what)
+    saved = 0
+    try:
+        for chunk, batch in tqdm(batches, desc=what, unit="batch", total=-(-len(seeded) // batch_size), leave=False):
+            for pixels, record in zip(batch.images, records[saved : saved + len(chunk)], strict=True):
+                (out / record.image).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(out / record.image)
+            saved += len(chunk)
+            for stream in streams:
+                stream.submit(batch.images, batch.prompts)
+    except BaseException:
+        for stream in streams:
+            stream.cancel()
+        raise
+    answers = [stream.finish() for stream in streams]  # every stream closed before any policy raises
+    for reward, stream, scores in zip(rewards, streams, answers, strict=True):
+        if on_error is not None:
+            stream.check(scores)
+        record_scores(records, reward, scores)
+    return records, next((scores.error for scores in answers if scores.error is not None), None)
+
+
+def record_scores(records: Sequence[ImageRecord], reward: str, scores: EpochScores) -> None:
+    """Each record's answer from ``reward``: its score, the service's error for it, or the error of the stream
+    that left it unanswered."""
+    failed = {int(result.id): result for result in scores.failures}
+    unanswered = "UNKNOWN: no answer was recorded for this item"
+    if isinstance(scores.error, RewardServiceError):
+        unanswered = call_error(scores.error)
+    elif scores.error is not None:
+        unanswered = f"UNKNOWN: {scores.error}"
+    for i, (record, score) in enumerate(zip(records, scores.scores, strict=True)):
+        if i in failed:
+            record.add_result(reward, failed[i])
+        elif np.isnan(score):
+            record.add_error(reward, unanswered)
+        else:
+            record.rewards[reward] = float(score)
 
 
 # Below this many epochs, a held-out change is mostly the noise of a few evaluations; the figure is the main job's.
@@ -131,24 +183,26 @@ def evaluate_held_out(
 ) -> None:
     """Sample the held-out prompts from their fixed seeds, score them with the run's reward, and log the result:
     a line of eval.jsonl, the images, and results.jsonl, summary.json and report.html in eval/epoch_N/."""
-    from trainer.rewards import EpochRewards
-
     e, r = config.eval, config.reward
-    seeded = seeded_images(len(prompts), e.samples_per_prompt, e.seed)
-    what = f"the held-out evaluation at epoch {epoch}"
-    rewards = EpochRewards(client, r.name, r.timeout, r.on_error, what)
-    batches = rewards.stream(
-        batch for _, batch in sample_seeded(seeded, prompts, config.sample.batch_size, sample, what)
+    folder = run_logger.run_dir / "eval" / f"epoch_{epoch:06d}"
+    records, _ = sample_and_score(  # on_error given: a stream's failure raises
+        seeded_images(len(prompts), e.samples_per_prompt, e.seed),
+        prompts,
+        sample,
+        config.sample.batch_size,
+        client=client,
+        rewards=[r.name],
+        timeout=r.timeout,
+        on_error=r.on_error,
+        variant=f"epoch_{epoch}",
+        out=folder,
+        image_path=lambda i, _: f"{i:03d}.png",
+        what=f"the held-out evaluation at epoch {epoch}",
     )
-    images = np.concatenate([batch.images for batch in batches])
-    scores = rewards.collect()
-    result = EvalResult(epoch, [prompts[image.prompt_index] for image in seeded], images, scores.scores)
-    records = result.records(r.name, seeded, scores.failures)
-    folder = run_logger.save_eval_images(epoch, images)
     before = baseline(folder.parent, epoch)  # the report compares with epoch 0, as `ddpo eval --compare-lora` does
     settings = held_out_settings(config, epoch, run_logger.run_dir, prompts)
     summary = write_evaluation(folder, before + records, [r.name], settings)
-    stats = run_logger.log_eval(epoch, records, summary, r.name, images)
+    stats = run_logger.log_eval(epoch, records, summary, r.name, folder)
     logger.info(
         "held-out evaluation at epoch %d: %s = %.4f ± %.4f over %d samples",
         epoch,

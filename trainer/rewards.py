@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -78,11 +78,21 @@ class EpochScores:
     wait_s: float  # how long ``collect`` blocked: the scoring time that sampling did not hide
     ready_frac: float  # share of the answers already in hand when sampling ended (0 when not streaming)
     replicas: dict[str, dict[str, float]]  # per replica: items sent, answered, re-sent away from it, mean latency
+    error: Exception | None = None  # the stream's own failure: the items it left unanswered are NaN
 
     @property
     def resent(self) -> int:
         """Items sent again after the stream of the replica that had them broke."""
         return int(sum(stats["resent"] for stats in self.replicas.values()))
+
+    def metrics(self) -> dict[str, Any]:
+        """The epoch's scoring figures, as metrics.jsonl names them."""
+        return {
+            "reward_wait_s": self.wait_s,
+            "rewards_ready_frac": self.ready_frac,
+            "reward_resent": self.resent,
+            "reward_replicas": self.replicas,
+        }
 
 
 class EpochRewards:
@@ -146,8 +156,11 @@ class EpochRewards:
             raise
         return sampled
 
-    def collect(self) -> EpochScores:
-        """Close the stream and wait for every answer; RewardError per the on_error policy, or if no item was scored."""
+    def finish(self) -> EpochScores:
+        """Close the stream and wait for every answer; returns them whatever failed. Items the service failed are in
+        ``failures``; if the stream itself failed (``error``: the service stayed away, or refused the stream), the
+        items it left unanswered are NaN and in no list. ``collect`` applies the training policy to this;
+        an evaluation records it all."""
         started = time.perf_counter()
         ready_frac = len(self._answers) / max(1, len(self._prompts))
         for images, prompts, ids in self._held:
@@ -155,30 +168,38 @@ class EpochRewards:
         self._stream.close()
         self._reader.join()
         wait_s = time.perf_counter() - started
-        if isinstance(self._error, StreamUnavailableError):
-            raise ServiceUnavailableError(
-                f"{self._error.message}. Start the service again (reward.outage_timeout says how long to wait for it), "
-                "then continue the run with --resume latest"
-            )
-        if self._error is not None:
-            raise RewardError(f"reward {self.reward!r}: the stream failed: {self._error}")
         scores = np.full(len(self._prompts), np.nan)
         failures = sorted((r for r in self._answers if not r.ok), key=lambda r: int(r.id))
         for result in self._answers:
             if result.ok:
                 scores[int(result.id)] = result.score
-        if failures and self.on_error == "fail":
-            first = failures[0]
+        replicas = {address: stats.as_dict() for address, stats in self._stream.stats.items()}
+        return EpochScores(scores, ~np.isnan(scores), failures, wait_s, ready_frac, replicas, self._error)
+
+    def collect(self) -> EpochScores:
+        """``finish``, then ``check``: every answer of a stream that worked, by the on_error policy."""
+        return self.check(self.finish())
+
+    def check(self, epoch: EpochScores) -> EpochScores:
+        """The on_error policy over ``finish``'s answers: RewardError if the stream failed, if an item failed and
+        on_error is "fail", or if no item was scored."""
+        if isinstance(epoch.error, StreamUnavailableError):
+            raise ServiceUnavailableError(
+                f"{epoch.error.message}. Start the service again (reward.outage_timeout says how long to wait for it), "
+                "then continue the run with --resume latest"
+            )
+        if epoch.error is not None:
+            raise RewardError(f"reward {self.reward!r}: the stream failed: {epoch.error}")
+        if epoch.failures and self.on_error == "fail":
+            first = epoch.failures[0]
             raise RewardError(
-                f"reward {self.reward!r} failed for {len(failures)} of {len(scores)} items; item {first.id} "
-                f"(prompt {self._prompts[int(first.id)]!r}): {first.code.name}: {first.message}. "
+                f"reward {self.reward!r} failed for {len(epoch.failures)} of {len(epoch.scores)} items; item "
+                f"{first.id} (prompt {self._prompts[int(first.id)]!r}): {first.code.name}: {first.message}. "
                 "Pass --on-reward-error=drop to train on the items that were scored."
             )
-        kept = ~np.isnan(scores)
-        if not kept.any():
+        if not epoch.kept.any():
             raise RewardError(f"reward {self.reward!r} failed for every item of {self.what}")
-        replicas = {address: stats.as_dict() for address, stats in self._stream.stats.items()}
-        return EpochScores(scores, kept, failures, wait_s, ready_frac, replicas)
+        return epoch
 
     def cancel(self) -> None:
         self._stream.cancel()

@@ -15,10 +15,14 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw
 
+from trainer.config import Config, LogConfig, to_dict
+from trainer.evaluate import FEW_EPOCHS, FEW_EPOCHS_NOTE
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from clients.evaluation import ImageRecord
+    from trainer.sampling import SampleBatch
 
 LINE_HEIGHT = 12  # px per caption line in Pillow's default bitmap font
 CHAR_WIDTH = 6  # px per character of that font
@@ -139,6 +143,12 @@ class RunLogger:
                 raise ValueError("log.wandb = true needs the wandb package: pip install wandb") from None
             self._wandb = wandb_module.init(project=project, config=config, dir=str(run_dir))
 
+    @classmethod
+    def of_run(cls, config: Config, start_epoch: int) -> RunLogger:
+        """The logger of ``config``'s run folder, with its configured sinks."""
+        log = config.log
+        return cls(Path(config.run_dir), to_dict(config), log.tensorboard, log.wandb, log.wandb_project, start_epoch)
+
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as file:
             file.write(json.dumps(metrics) + "\n")
@@ -151,6 +161,18 @@ class RunLogger:
                     self._tensorboard.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(numbers, step=step)
+
+    def log_samples(
+        self, epoch: int, batches: Sequence[SampleBatch], rewards: npt.NDArray[np.float64], log: LogConfig
+    ) -> None:
+        """Every ``log.images_every`` epochs, a grid of the first ``log.grid_size`` scored samples (rewards: NaN for
+        a dropped one)."""
+        if not log.images_every or epoch % log.images_every:
+            return
+        kept = np.flatnonzero(~np.isnan(rewards))[: log.grid_size]
+        images = np.concatenate([batch.images for batch in batches])[kept]
+        prompts = [prompt for batch in batches for prompt in batch.prompts]
+        self.log_images(epoch, images, [prompts[i] for i in kept], rewards[kept].tolist())
 
     def log_images(
         self,
@@ -175,26 +197,18 @@ class RunLogger:
             self._wandb.log({tag: wandb_module.Image(grid, caption=" / ".join(captions))}, step=epoch)
         return path
 
-    def save_eval_images(self, epoch: int, images: npt.NDArray[np.uint8]) -> Path:
-        """A held-out evaluation's images as eval/epoch_N/{i:03d}.png; returns the folder."""
-        folder = self.run_dir / "eval" / f"epoch_{epoch:06d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(images):
-            Image.fromarray(image).save(folder / f"{i:03d}.png")
-        return folder
-
     def log_eval(
         self,
         epoch: int,
         records: Sequence[ImageRecord],
         summary: dict[str, Any],
         reward: str,
-        images: npt.NDArray[np.uint8],  # (N, H, W, 3), the records' images
+        folder: Path,  # eval/epoch_N/, where the records' images are
     ) -> dict[str, Any]:
         """A held-out evaluation's line of eval.jsonl, derived from its results.jsonl records and summary.json's
-        statistics (one schema, one computation), its scalars and its grid; returns the line."""
-        folder = f"eval/epoch_{epoch:06d}"
+        statistics (one schema, one computation), its scalars and its grid of scored images; returns the line."""
         stats = summary["rewards"][reward][f"epoch_{epoch}"]
+        where = folder.relative_to(self.run_dir).as_posix()
         scores = [record.rewards.get(reward) for record in records]
         per_prompt = {p["prompt"]: p["mean"][reward][f"epoch_{epoch}"] for p in summary["per_prompt"]}
         line = {
@@ -205,7 +219,7 @@ class RunLogger:
             "dropped": stats["failed"],
             "per_prompt": {prompt: mean for prompt, mean in per_prompt.items() if mean is not None},
             "items": [
-                {"prompt": r.prompt, "reward": score, "image": f"{folder}/{r.image}"}
+                {"prompt": r.prompt, "reward": score, "image": f"{where}/{r.image}"}
                 for r, score in zip(records, scores, strict=True)
             ],
         }
@@ -217,9 +231,10 @@ class RunLogger:
                 self._tensorboard.add_scalar(key, value, epoch)
         if self._wandb is not None:
             self._wandb.log(scalars, step=epoch)
-        scored = [i for i, score in enumerate(scores) if score is not None]
-        prompts = [str(records[i].prompt) for i in scored]
-        self.log_images(epoch, images[scored], prompts, [score for score in scores if score is not None], "eval")
+        scored = [(record, score) for record, score in zip(records, scores, strict=True) if score is not None]
+        if scored:
+            images = np.stack([np.asarray(Image.open(folder / record.image).convert("RGB")) for record, _ in scored])
+            self.log_images(epoch, images, [str(r.prompt) for r, _ in scored], [score for _, score in scored], "eval")
         return line
 
     def close(self) -> None:
@@ -242,6 +257,17 @@ def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def plot_run(config: Config) -> list[str]:
+    """The plots at the end of a run, reward_curve.png and eval_before_after.png; returns the lines to log."""
+    run_dir = Path(config.run_dir)
+    lines = [f"reward curve: {plot_rewards(run_dir, config.reward.name)}"]
+    if (grid := before_after_grid(run_dir)) is not None:
+        lines.append(f"held-out samples before and after training: {grid}")
+    if config.eval.enabled and config.num_epochs < FEW_EPOCHS:
+        lines.append(FEW_EPOCHS_NOTE.format(epochs=config.num_epochs))
+    return lines
 
 
 def plot_rewards(run_dir: Path, reward: str) -> Path:

@@ -10,6 +10,7 @@ runs it on several processes or GPUs.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from trainer.algorithms import ALGORITHMS
 from trainer.checkpoint import ProcessRandomState, RunCheckpoints, resolve_checkpoint
 from trainer.config import Config, to_dict
 from trainer.distributed import ProcessFailedError, failing_together, gather_rewards, mean_over_processes
-from trainer.evaluate import FEW_EPOCHS, FEW_EPOCHS_NOTE, evaluate_held_out
+from trainer.evaluate import evaluate_held_out
 from trainer.export import export_final
 from trainer.lifecycle import GracefulStop, StopRequested, claim_run_dir
 from trainer.policy import Epoch, Policy, frozen_copy, load_policy
@@ -34,7 +35,7 @@ from trainer.precision import NonFiniteError, dtype_name, make_accelerator, poli
 from trainer.prompts import PromptSampler, load_prompts
 from trainer.rewards import EpochRewards, RewardError, connect
 from trainer.sampling import SampleBatch, encode_prompts, sample_batches
-from trainer.tracking import RunLogger, before_after_grid, describe_epoch, plot_rewards
+from trainer.tracking import RunLogger, describe_epoch, plot_run
 from trainer.update import PolicyUpdate, RatioCheckError, make_optimizer, plan_minibatches
 
 logger = get_logger(__name__)  # logs on the main process only
@@ -47,11 +48,7 @@ STOPS = (StopRequested, RewardError, NonFiniteError, RatioCheckError, ProcessFai
 
 class Trainer:
     def __init__(
-        self,
-        config: Config,
-        resume: str | None = None,
-        overwrite: bool = False,
-        client: AnyRewardClient | None = None,
+        self, config: Config, resume: str | None = None, overwrite: bool = False, client: AnyRewardClient | None = None
     ) -> None:
         """Check the run folder and the reward service (within seconds, before the model loads; ``client``: one
         ``trainer.rewards.connect`` made already), then load the policy and, with ``resume``, a checkpoint.
@@ -61,6 +58,7 @@ class Trainer:
         self.accelerator = make_accelerator(config.mixed_precision, str(self.run_dir))
         self.dtype = policy_dtype(config.mixed_precision)  # frozen weights and the UNet's arithmetic
         self.device = self.accelerator.device
+        self.progress = {"disable": not self.accelerator.is_local_main_process, "leave": False}  # inner tqdm bars
         claim_run_dir(self.accelerator, self.run_dir, resume, overwrite)
         r = config.reward
         self.client = client or connect(r.server, r.name, r.read_token(), r.ca_file, r.timeout, r.outage_timeout)
@@ -135,16 +133,7 @@ class Trainer:
         policy = f"{dtype_name(self.dtype)} on {self.device.type}"
         logger.info(config.describe(self.accelerator.num_processes, policy, self.start_epoch))
         # logs, images, evaluations and plots are written once, by the main process
-        run_logger = None
-        if main:
-            run_logger = RunLogger(
-                self.run_dir,
-                to_dict(config),
-                config.log.tensorboard,
-                config.log.wandb,
-                config.log.wandb_project,
-                self.start_epoch,
-            )
+        run_logger = RunLogger.of_run(config, self.start_epoch) if main else None
         try:
             with self.stop:
                 self._train(run_logger)
@@ -158,11 +147,8 @@ class Trainer:
             self.client.close()
         final = self.run_dir / "final"
         if main:
-            logger.info("reward curve: %s", plot_rewards(self.run_dir, config.reward.name))
-            if (grid := before_after_grid(self.run_dir)) is not None:
-                logger.info("held-out samples before and after training: %s", grid)
-            if self.eval_prompts and config.num_epochs < FEW_EPOCHS:
-                logger.info(FEW_EPOCHS_NOTE.format(epochs=config.num_epochs))
+            for line in plot_run(config):
+                logger.info(line)
             final = export_final(self.pipeline, self.accelerator.unwrap_model(self.unet), config, self.run_dir)
         self.accelerator.wait_for_everyone()
         return final
@@ -171,7 +157,7 @@ class Trainer:
         config = self.config
         # a resumed run starts from a checkpoint
         self.checkpoints.finished(self.start_epoch, self.global_step, saved=self.start_epoch > 0)
-        if self.eval_prompts and self.start_epoch == 0:
+        if self.start_epoch == 0 and config.eval_due(0):  # a resumed run's start was evaluated before it stopped
             self.run_eval(0, run_logger)
         epochs = tqdm(
             range(self.start_epoch, config.num_epochs),
@@ -192,9 +178,7 @@ class Trainer:
             if saved:
                 self.checkpoints.save(done, self.global_step)
             self.checkpoints.finished(done, self.global_step, saved)
-            if self.eval_prompts and (
-                done == config.num_epochs or (config.eval.every and done % config.eval.every == 0)
-            ):
+            if config.eval_due(done):
                 self.run_eval(done, run_logger)
 
     def run_eval(self, epoch: int, run_logger: RunLogger | None) -> None:
@@ -202,18 +186,13 @@ class Trainer:
         with failing_together(self.accelerator, PROCESS_ERRORS):
             if run_logger is not None:
                 self.unet.eval()
-                evaluate_held_out(epoch, self.config, self.eval_prompts, self.sample_with, self.client, run_logger)
+                evaluate_held_out(epoch, self.config, self.eval_prompts, self.sample, self.client, run_logger)
 
     def sample(
-        self, prompt_batches: Iterable[list[str]], generator: torch.Generator, what: str
-    ) -> Iterator[SampleBatch]:
-        """Each batch of prompts sampled with the run's model and sampler, drawing on ``generator``."""
-        return self.sample_with(((prompts, generator) for prompts in prompt_batches), what)
-
-    def sample_with(
         self, batches: Iterable[tuple[list[str], torch.Generator | list[torch.Generator]]], what: str
     ) -> Iterator[SampleBatch]:
-        """``trainer.sampling.sample_batches`` with the run's model and sampler."""
+        """Each (prompts, generator or one generator per image) pair sampled with the run's model and sampler
+        (``trainer.sampling.sample_batches``), lazily."""
         unet = self.accelerator.unwrap_model(self.unet)
         return sample_batches(
             self.pipeline,
@@ -226,17 +205,12 @@ class Trainer:
             what,
         )
 
-    def _prompt_batches(self, epoch: int) -> Iterator[list[str]]:
-        """The epoch's sampling batches of prompts; before each, a safe point to stop at."""
-        config = self.config
-        for _ in tqdm(
-            range(config.sample.num_batches_per_epoch),
-            desc=f"epoch {epoch + 1}/{config.num_epochs}: sampling",
-            disable=not self.accelerator.is_local_main_process,
-            leave=False,
-        ):
+    def sampling_batches(self, epoch: int) -> Iterator[tuple[list[str], torch.Generator]]:
+        """The epoch's batches of prompts, drawing on the sampling generator; before each, a safe point to stop at."""
+        s = self.config.sample
+        for _ in tqdm(range(s.num_batches_per_epoch), desc=f"epoch {epoch + 1}: sampling", **self.progress):
             self.stop.check(self.accelerator)
-            yield self.prompts.sample(config.sample.batch_size, config.sample.images_per_prompt)
+            yield self.prompts.sample(s.batch_size, s.images_per_prompt), self.generators["sampling"]
 
     def run_epoch(self, epoch: int, run_logger: RunLogger | None) -> dict[str, Any]:
         config = self.config
@@ -247,18 +221,14 @@ class Trainer:
         what = f"epoch {epoch + 1}"
         with failing_together(self.accelerator, PROCESS_ERRORS):
             rewards = EpochRewards(self.client, r.name, r.timeout, r.on_error, what, r.stream)
-            prompt_batches = self._prompt_batches(epoch)
-            batches = rewards.stream(self.sample(prompt_batches, self.generators["sampling"], what))
+            batches = rewards.stream(self.sample(self.sampling_batches(epoch), what))
             sample_s = time.perf_counter() - started
 
             #################### REWARDS ####################
             scores = rewards.collect()
         data = self._epoch_data(batches, scores.scores)
-        if run_logger is not None and config.log.images_every and (epoch + 1) % config.log.images_every == 0:
-            count = min(config.log.grid_size, int(scores.kept.sum()))
-            images = np.concatenate([b.images for b in batches])[scores.kept][:count]
-            kept_prompts = [p for p, keep in zip(data.prompts, scores.kept, strict=True) if keep][:count]
-            run_logger.log_images(epoch + 1, images, kept_prompts, scores.scores[scores.kept][:count].tolist())
+        if run_logger is not None:
+            run_logger.log_samples(epoch + 1, batches, scores.scores, config.log)
 
         #################### TRAINING ####################
         started = time.perf_counter()
@@ -274,10 +244,7 @@ class Trainer:
             "dropped": data.dropped,
             **train_metrics,
             "sample_s": sample_s,
-            "reward_wait_s": scores.wait_s,
-            "rewards_ready_frac": scores.ready_frac,
-            "reward_resent": scores.resent,
-            "reward_replicas": scores.replicas,
+            **scores.metrics(),
             "train_s": train_s,
             **self.stat_tracker.stats(),
             "policy_dtype": dtype_name(self.dtype),
@@ -306,30 +273,21 @@ class Trainer:
         optimizer steps and the processes."""
         config = self.config
         generator = self.generators["training"]
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        terms_seen: dict[str, list[float]] = defaultdict(list)
         ratio_check: float | None = None  # RWR does not use log-probabilities
         skipped = 0
         for inner in range(config.train.num_inner_epochs):
             groups, step_order = plan_minibatches(len(data), config, generator, self.device)
-            for n, group in enumerate(
-                tqdm(
-                    groups,
-                    desc=f"training (inner epoch {inner + 1}/{config.train.num_inner_epochs})",
-                    disable=not self.accelerator.is_local_main_process,
-                    leave=False,
-                )
-            ):
+            for n, group in enumerate(tqdm(groups, desc=f"training (inner epoch {inner + 1})", **self.progress)):
                 terms = self.optimizer_step(data, group, step_order, epoch, check_ratio=inner == n == 0)
                 ratio_check = terms.pop("ratio_check", ratio_check)
                 skipped += int(self.accelerator.optimizer_step_was_skipped)
                 self.stop.check(self.accelerator)
                 for key, value in terms.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                    counts[key] = counts.get(key, 0) + 1
+                    terms_seen[key].append(value)
         # approx_kl and clipfrac stay None (null in metrics.jsonl) for RWR, which has no importance ratio
         metrics: dict[str, float | None] = {"approx_kl": None, "clipfrac": None}
-        metrics.update(mean_over_processes(self.accelerator, {key: sums[key] / counts[key] for key in sums}))
+        metrics.update(mean_over_processes(self.accelerator, {k: float(np.mean(v)) for k, v in terms_seen.items()}))
         metrics["ratio_check"] = ratio_check
         metrics["skipped_steps"] = skipped  # fp16 only: steps the loss scaler skipped after an overflow
         return metrics
@@ -342,10 +300,3 @@ class Trainer:
         terms = self.update.step(data, group, step_order, where, check_ratio)
         self.global_step += 1
         return terms
-
-
-def train(
-    config: Config, resume: str | None = None, overwrite: bool = False, client: AnyRewardClient | None = None
-) -> Path:
-    """Run DDPO to ``config.num_epochs``; returns the folder with the final LoRA (or UNet)."""
-    return Trainer(config, resume, overwrite, client).run()
