@@ -266,6 +266,7 @@ def test_ddpo_eval_usage_and_service_errors(jpeg_server: ServerProcess, prompt_f
         "missing lora": (evaluate(f"--lora={tmp_path / 'no_run' / 'final'}"), 2, "no_run/final' does not exist"),
         "empty lora folder": (evaluate(f"--lora={tmp_path}"), 2, "has no pytorch_lora_weights.safetensors"),
         "no samples": (evaluate("--samples-per-prompt=0"), 2, "--samples-per-prompt must be >= 1, got 0"),
+        "no outage budget": (evaluate("--outage-timeout=0"), 2, "--outage-timeout must be > 0, got 0.0"),
         "bad reward list": (evaluate("--rewards=a,,b"), 2, "has an empty name"),
         "unknown reward": (
             evaluate("--rewards=jpeg_compressibility,aesthetic"),
@@ -544,6 +545,7 @@ def test_sample_and_score_saves_records_and_applies_the_run_policy(tmp_path: Pat
     import torch
 
     from clients import open_client
+    from clients.evaluation import write_evaluation
     from trainer.evaluate import sample_and_score, seeded_images
     from trainer.rewards import RewardError
     from trainer.sampling import SampleBatch
@@ -596,3 +598,8 @@ def test_sample_and_score_saves_records_and_applies_the_run_policy(tmp_path: Pat
     ]
     assert records[2].errors == {"reject_prompt": "FAILED_PRECONDITION: cannot judge 'a blue square'"}
     assert [r.to_json() for r in dropped] == [r.to_json() for r in records]
+    write_evaluation(tmp_path, records, ["reject_prompt", "slow"], {"epoch": 3})
+    assert [line["rewards"] for line in read_results(tmp_path / "results.jsonl")] == [r.rewards for r in records]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rewards"]["reject_prompt"]["epoch_3"]["failed"] == 2
+    assert summary["rewards"]["slow"]["epoch_3"]["failed"] == 0
