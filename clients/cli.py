@@ -7,7 +7,7 @@ import importlib.metadata
 import sys
 from collections.abc import Sequence
 
-from clients.cli_support import EXIT_OK, EXIT_USAGE, missing_extra
+from clients.cli_support import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, missing_extra
 
 # subcommand -> (module with main(argv), extra that provides it, summary)
 COMMANDS = {
@@ -53,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(message, file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C where a command has no stop of its own (train and serve have theirs)
+        print(f"ddpo {command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return result
 
 

@@ -19,6 +19,8 @@ EXIT_USAGE = 2
 """Bad usage (argparse's own code): a flag, file or address that cannot work, or a missing extra."""
 EXIT_SERVICE = 3
 """The reward service could not be used at all."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT), as a shell reports it: 128 + 2."""
 
 # The extras of pyproject.toml that bring each third-party module the commands import, the likeliest first.
 _EXTRAS_OF_MODULE: dict[str, tuple[str, ...]] = {

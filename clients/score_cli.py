@@ -14,7 +14,7 @@ stem with "_" and "-" as spaces, less a trailing "_<digits>" sample number). aut
 else sidecars if any image has one, else none.
 
 Exit status: 0 when every file was scored, 1 when any file failed (each failure is printed), 2 for bad usage,
-3 when the server could not be used at all.
+3 when the server could not be used at all, 130 on Ctrl-C.
 """
 
 from __future__ import annotations

@@ -175,6 +175,22 @@ def test_eval_with_a_server_gone_for_good_records_what_it_could_not_score(tmp_pa
     assert summary["rewards"]["jpeg_compressibility"]["base"]["failed"] == 6
 
 
+def test_eval_stops_on_ctrl_c_mid_run_without_a_traceback(tmp_path: Path) -> None:
+    server = SlowServer(free_port())
+    server.start()
+    evaluation = start_eval(server.address, tmp_path / "out")
+    try:
+        server.wait_started(2)  # sampling and scoring are both under way
+        evaluation.send_signal(signal.SIGINT)
+        _, stderr = evaluation.communicate(timeout=60)  # no stream or thread keeps it alive
+    finally:
+        evaluation.kill()
+        server.stop()
+    assert evaluation.returncode == 130, stderr
+    assert stderr.rstrip().endswith("ddpo eval: interrupted (Ctrl-C)")
+    assert "Traceback" not in stderr
+
+
 def test_slow_sampling_never_times_out_the_rewards(jpeg_server: ServerProcess, tmp_path: Path) -> None:
     done = train_tiny(jpeg_server.address, tmp_path, *RUN, "--epochs", "1", "reward.timeout=0.5")
     assert done.returncode == 0, done.stderr

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clients.cli_support import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from clients.cli_support import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from clients.replicas import ADDRESS_FORMS
 from trainer.config import ConfigError, load_config, preset_names
 
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         final = Trainer(config, args.resume, args.overwrite, client).run()
     except KeyboardInterrupt:  # Ctrl-C before training started (during training it stops at a safe point)
         print("ddpo train: interrupted before training started; nothing was saved", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except (*STOPS, ValueError) as error:
         print(f"ddpo train: {error}", file=sys.stderr)
         if isinstance(error, STOPS) and (found := list_checkpoints(Path(config.run_dir))):

@@ -11,11 +11,11 @@ the --compare-lora one) is sampled from the same seeds. --eta 0 is deterministic
 outputs in --out (images/, results.jsonl, summary.json, report.html) are described in docs/evaluation.md.
 
 Exit status, as ddpo score: 0 when every image was scored with every reward, 1 when some items failed (each failure
-is printed; the outputs are still written), 2 for bad usage, 3 when the reward service could not be used. Each batch
-is scored while the next one samples; a server that restarts, or a replica that dies, mid-run loses nothing (its
-unanswered images go again). One that stays away longer than --outage-timeout ends the run with status 3 after the
-variant being evaluated: its images are saved, those left unscored are recorded with the error, and the outputs
-are written.
+is printed; the outputs are still written), 2 for bad usage, 3 when the reward service could not be used, 130 on
+Ctrl-C. Each batch is scored while the next one samples; a server that restarts, or a replica that dies, mid-run
+loses nothing (its unanswered images go again). One that stays away longer than --outage-timeout ends the run with
+status 3 after the variant being evaluated: its images are saved, those left unscored are recorded with the error,
+and the outputs are written.
 """
 
 from __future__ import annotations
