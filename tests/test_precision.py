@@ -3,6 +3,7 @@ memory options."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,16 +164,24 @@ def test_an_overflowing_gradient_stops_the_run_or_is_the_loss_scalers(
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_ddpo_train_in_half_precision_on_the_cpu(server: ServerThread, tmp_path: Path, precision: str) -> None:
+    """A whole run in half precision, with its held-out evaluation before and after training."""
+    prompts = tmp_path / "heldout.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    held_out = ("eval.enabled=true", "eval.set='from_file'", f"eval.file='{prompts}'", "eval.samples_per_prompt=1")
     done = train_tiny(
         server.address,
-        tmp_path,
-        *("--epochs", "1", "sample.num_steps=5", f"mixed_precision='{precision}'", *QUIET),
+        tmp_path / "run",
+        *("--epochs", "1", "sample.num_steps=5", f"mixed_precision='{precision}'", *QUIET, *held_out),
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
+    evaluations = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evaluations] == [0, 1]
+    assert all(e["samples"] == 2 and e["dropped"] == 0 and np.isfinite(e["reward_mean"]) for e in evaluations)
+    assert (tmp_path / "run" / "eval" / "epoch_000001" / "report.html").is_file()
     dtype = {"fp16": "float16", "bf16": "bfloat16"}[precision]
     assert f"(policy {dtype} on cpu, 1 process(es))" in done.stderr
-    (line,) = read_metrics(tmp_path)
+    (line,) = read_metrics(tmp_path / "run")
     assert line["policy_dtype"] == dtype
     assert line["processes"] == 1
     assert np.isfinite(line["loss"])
