@@ -316,12 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     settings = check_args(parser, args)
+    # each reward stream's progress timeout is --timeout (``sample_and_score``)
     client = open_client(
-        settings.server,
-        timeout=settings.timeout,
-        progress_timeout=settings.timeout,
-        outage_timeout=settings.outage_timeout,
-        auth_token=settings.token,
+        settings.server, timeout=settings.timeout, outage_timeout=settings.outage_timeout, auth_token=settings.token
     )
     with client:
         try:

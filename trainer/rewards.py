@@ -73,12 +73,16 @@ def connect(
 @dataclasses.dataclass(frozen=True)
 class EpochScores:
     scores: npt.NDArray[np.float64]  # (N,) NaN where the item failed and was dropped
-    kept: npt.NDArray[np.bool_]  # (N,) False for dropped items
     failures: list[ItemResult]
     wait_s: float  # how long ``collect`` blocked: the scoring time that sampling did not hide
     ready_frac: float  # share of the answers already in hand when sampling ended (0 when not streaming)
     replicas: dict[str, dict[str, float]]  # per replica: items sent, answered, re-sent away from it, mean latency
     error: Exception | None = None  # the stream's own failure: the items it left unanswered are NaN
+
+    @property
+    def kept(self) -> npt.NDArray[np.bool_]:
+        """(N,) False for the items that have no score."""
+        return ~np.isnan(self.scores)
 
     @property
     def resent(self) -> int:
@@ -174,7 +178,7 @@ class EpochRewards:
             if result.ok:
                 scores[int(result.id)] = result.score
         replicas = {address: stats.as_dict() for address, stats in self._stream.stats.items()}
-        return EpochScores(scores, ~np.isnan(scores), failures, wait_s, ready_frac, replicas, self._error)
+        return EpochScores(scores, failures, wait_s, ready_frac, replicas, self._error)
 
     def collect(self) -> EpochScores:
         """``finish``, then ``check``: every answer of a stream that worked, by the on_error policy."""
